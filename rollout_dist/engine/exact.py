@@ -1,0 +1,145 @@
+"""Exact chunk-wise rollout: full-sequence gradients with one chunk's activations alive at a time.
+
+Forward (no grad): chunks 0..C-2 run in order; each layer writes the chunk's K/V into the carried state.
+Backward: chunks C-1..0 run in reverse; each is recomputed with grad against the stored prefix K/V (same random
+stream as its first forward), its loss is backpropagated, the prefix part of dK/dV is added into the carried
+gradient buffers, and the chunk's own K/V receive what later chunks sent them.  Summed over chunks this is
+exactly the chain rule of the full-sequence graph (docs/design.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..model import CausalLMAdapter, KVState
+from .loss import IGNORE_INDEX, cross_entropy_sum, shift_targets
+
+BackwardFn = Callable[[torch.Tensor], None]
+
+
+@dataclass
+class RolloutResult:
+    """Outcome of one document (batch) rollout."""
+
+    loss: float
+    """Mean token cross-entropy, as ``model(input_ids, labels=labels).loss`` in HF."""
+    num_tokens: int
+    """Positions that counted in the loss (targets not equal to -100)."""
+    loss_sum: float
+    """Sum of token cross-entropies (``loss * num_tokens``)."""
+    num_chunks: int
+    state_bytes: int
+    """Bytes held by the carried K/V and dK/dV buffers."""
+
+
+def _capture_rng(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+class _RestoredRng:
+    """Replays a captured random state (CPU and the model's CUDA device) and leaves the outer stream as it was."""
+
+    def __init__(self, state, device: torch.device):
+        self.state, self.device = state, device
+        self._fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+    def __enter__(self):
+        self._fork.__enter__()
+        cpu, cuda = self.state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)
+
+
+def validate_inputs(input_ids: torch.Tensor, labels: torch.Tensor | None, chunk_size: int, vocab_size: int,
+                    ) -> None:
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens); got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"a document needs at least 2 tokens to have a next-token target; got {input_ids.shape[1]}")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {hi if hi >= vocab_size else lo} is outside the model's vocabulary "
+                         f"[0, {vocab_size}); check that the tokenizer matches the model")
+
+
+class ExactRollout:
+    """Runs the exact chunk-wise forward/backward of a Llama-family HF model.
+
+    ``verify_recompute`` records, per recomputed chunk and layer, the largest difference between the recomputed
+    K/V and those stored by the first forward (they must be bit-identical, dropout included).
+    """
+
+    def __init__(self, chunk_size: int, verify_recompute: bool = False):
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.verify_recompute = verify_recompute
+        self.last_state: KVState | None = None
+
+    def spans(self, length: int) -> list[tuple[int, int]]:
+        return [(s, min(s + self.chunk_size, length)) for s in range(0, length, self.chunk_size)]
+
+    def run(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+            loss_normalizer: float | None = None, backward: BackwardFn | None = None) -> RolloutResult:
+        """Forward and backward of one (B, T) batch; parameter ``.grad`` accumulates d(loss_sum / normalizer).
+
+        ``loss_normalizer`` defaults to the number of target tokens of this batch (HF's mean); a trainer that
+        accumulates several documents passes the token count of the whole accumulation window.  ``backward``
+        receives each chunk's scalar loss (a DeepSpeed engine's ``backward``, say); default ``Tensor.backward``.
+        """
+        adapter = CausalLMAdapter(model)
+        validate_inputs(input_ids, labels, self.chunk_size, adapter.vocab_size)
+        input_ids = input_ids.to(adapter.device)
+        targets = shift_targets(input_ids if labels is None else labels.to(adapter.device))
+        num_tokens = int((targets != IGNORE_INDEX).sum())
+        if num_tokens == 0:
+            raise ValueError("no position has a target (all labels are -100): the loss is undefined")
+        normalizer = float(num_tokens if loss_normalizer is None else loss_normalizer)
+        backward = backward or torch.Tensor.backward
+        batch, length = input_ids.shape
+        spans = self.spans(length)
+
+        state = adapter.new_state(batch, length)
+        state.verify_recompute = self.verify_recompute
+        rng = []
+        with adapter.chunk_attention():
+            with torch.no_grad():
+                for s, e in spans[:-1]:  # the last chunk's K/V are needed by no later chunk
+                    rng.append(_capture_rng(adapter.device))
+                    adapter.forward_chunk(input_ids[:, s:e], s, state, phase="fill")
+            rng.append(_capture_rng(adapter.device))
+            state.allocate_grads()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=adapter.device)
+            for (s, e), rng_state in zip(reversed(spans), reversed(rng)):
+                with _RestoredRng(rng_state, adapter.device), torch.enable_grad():
+                    hidden = adapter.forward_chunk(input_ids[:, s:e], s, state, phase="recompute")
+                    ce = cross_entropy_sum(adapter.logits(hidden), targets[:, s:e])
+                    backward(ce / normalizer)
+                loss_sum += ce.detach().to(torch.float64)
+        self.last_state = state if self.verify_recompute else None
+        total = float(loss_sum)
+        return RolloutResult(loss=total / num_tokens, num_tokens=num_tokens, loss_sum=total,
+                             num_chunks=len(spans), state_bytes=state.nbytes)
+
+
+def chunked_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_size: int,
+                             labels: torch.Tensor | None = None, loss_normalizer: float | None = None,
+                             backward: BackwardFn | None = None) -> RolloutResult:
+    """Exact chunk-wise forward and backward of ``model`` on ``input_ids`` (B, T); see ``ExactRollout.run``.
+
+    Returns ``.loss`` (HF's mean token cross-entropy, labels shifted inside, -100 ignored; ``labels=None`` means
+    ``labels=input_ids``) and ``.num_tokens``; every parameter's ``.grad`` accumulates the gradient of that loss.
+    """
+    return ExactRollout(chunk_size).run(model, input_ids, labels, loss_normalizer=loss_normalizer,
+                                        backward=backward)

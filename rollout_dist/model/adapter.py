@@ -1,0 +1,91 @@
+"""Adapter over an HF causal LM of the Llama family: runs one chunk through the decoder with carried state.
+
+It uses the model's own modules (embedding, decoder layers, rotary embedding, final norm, LM head), so any
+checkpoint of a supported architecture behaves exactly as in HF; only the attention kernel is swapped for
+chunk attention (see ``attention.py``) while a rollout runs.  Positions are global (chunk start + offset), so
+RoPE scaling from the config (linear, yarn, llama3) is honoured.  No distributed code lives here.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .attention import ATTN_NAME
+from .kv_state import KVState
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# RoPE variants whose frequencies depend on the current sequence length cannot be evaluated chunk by chunk
+# with the same result as a full-sequence forward.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict):
+        return str(params.get("rope_type", params.get("type", "default")))
+    return "default"
+
+
+class CausalLMAdapter:
+    """Chunk-wise view of ``model`` (an HF ``*ForCausalLM``).  Holds no state of its own."""
+
+    def __init__(self, model: torch.nn.Module):
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise TypeError(f"rollout_dist supports HF causal LMs of model_type {SUPPORTED_MODEL_TYPES}; got "
+                            f"{type(model).__name__} with model_type={model_type!r}")
+        rope = _rope_type(config)
+        if any(k in rope for k in _LENGTH_DEPENDENT_ROPE):
+            raise NotImplementedError(f"rope_type={rope!r} changes frequencies with the sequence length, so a "
+                                      "chunked rollout cannot reproduce it; use default, linear, yarn or llama3")
+        self.model = model
+        self.config = config
+        self.decoder = model.model
+        self.layers = list(self.decoder.layers)
+        self.num_layers = len(self.layers)
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.vocab_size = config.vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    def new_state(self, batch: int, length: int) -> KVState:
+        return KVState.allocate(self.num_layers, batch, self.kv_heads, length, self.head_dim, self.dtype,
+                                self.device)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token (all layers), in the model's dtype; dK/dV double it during backward."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @contextmanager
+    def chunk_attention(self):
+        """Routes the model's attention modules to chunk attention for the duration of a rollout."""
+        previous = self.config._attn_implementation
+        self.config._attn_implementation = ATTN_NAME
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = previous
+
+    def forward_chunk(self, input_ids: torch.Tensor, start: int, state: KVState, phase: str) -> torch.Tensor:
+        """Hidden states after the final norm for ``input_ids`` (B, c) at global positions [start, start + c)."""
+        state.begin_chunk(start, phase)
+        hidden = self.decoder.embed_tokens(input_ids)
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+        rope = self.decoder.rotary_emb(hidden, positions)
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=state,
+                        use_cache=True, position_embeddings=rope)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.decoder.norm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)

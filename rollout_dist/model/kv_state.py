@@ -1,0 +1,94 @@
+"""Carried K/V state of the exact rollout: the keys and values of every layer for a whole document.
+
+The state is an explicit object passed into and out of the model adapter (never a module buffer), so the
+engine can backpropagate through it, hash it and checkpoint it.  Buffers are preallocated for the document
+length and filled in place chunk by chunk; the gradient buffers (dK, dV) are filled in place as backward runs
+through the chunks in reverse order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class _CarriedKV(torch.autograd.Function):
+    """Joins the carried prefix of one layer with the chunk's own fresh K (or V), for the backward recompute.
+
+    forward: ``cat(buf[:, :, :start], chunk)`` (the prefix enters as a constant).
+    backward: the prefix part of the incoming gradient is added in place into ``grad_buf[:, :, :start]``
+    (dK/dV handed back to earlier chunks); the chunk part gets ``grad_buf[:, :, start:end]`` added, which
+    holds what later chunks (already run backward) sent to this chunk's keys.
+    """
+
+    @staticmethod
+    def forward(ctx, chunk: torch.Tensor, buf: torch.Tensor, grad_buf: torch.Tensor, start: int):
+        ctx.grad_buf, ctx.start, ctx.end = grad_buf, start, start + chunk.shape[2]
+        if start == 0:
+            return chunk.view_as(chunk)
+        return torch.cat([buf[:, :, :start], chunk], dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s, e, gbuf = ctx.start, ctx.end, ctx.grad_buf
+        if s > 0:
+            gbuf[:, :, :s].add_(grad[:, :, :s])
+        return grad[:, :, s:] + gbuf[:, :, s:e], None, None, None
+
+
+@dataclass
+class KVState:
+    """Per-layer K/V of one document (batch), shape (B, kv_heads, T, head_dim) each, in the model's dtype.
+
+    ``phase`` is ``"fill"`` during the first (no-grad) forward, where each chunk's K/V are written into the
+    buffers, and ``"recompute"`` during the reverse pass, where the chunk's K/V come fresh from the graph and
+    gradients for the prefix are accumulated into ``dkeys``/``dvalues``.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    dkeys: list[torch.Tensor] = field(default_factory=list)
+    dvalues: list[torch.Tensor] = field(default_factory=list)
+    start: int = 0
+    phase: str = "fill"
+    filled: int = 0  # positions [0, filled) hold K/V written by the fill phase
+    # filled when ``verify_recompute`` is on: max |recomputed - stored| over layers, per chunk (debug aid)
+    verify_recompute: bool = False
+    recompute_mismatch: list[float] = field(default_factory=list)
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> "KVState":
+        shape = (batch, kv_heads, length, head_dim)
+        return cls(keys=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   values=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.dkeys, *self.dvalues))
+
+    def allocate_grads(self) -> None:
+        self.dkeys = [torch.zeros_like(k) for k in self.keys]
+        self.dvalues = [torch.zeros_like(v) for v in self.values]
+
+    def begin_chunk(self, start: int, phase: str) -> None:
+        if phase not in ("fill", "recompute"):
+            raise ValueError(f"unknown KVState phase {phase!r}")
+        self.start, self.phase = start, phase
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Called by the HF attention module (the Cache protocol): returns the K/V the chunk attends to."""
+        s, e = self.start, self.start + key.shape[2]
+        kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
+        if self.phase == "fill":
+            kbuf[:, :, s:e].copy_(key)
+            vbuf[:, :, s:e].copy_(value)
+            if layer_idx == len(self.keys) - 1:
+                self.filled = max(self.filled, e)
+            return kbuf[:, :, :e], vbuf[:, :, :e]
+        if self.verify_recompute and e <= self.filled:
+            diff = max((key.detach() - kbuf[:, :, s:e]).abs().max().item(),
+                       (value.detach() - vbuf[:, :, s:e]).abs().max().item())
+            self.recompute_mismatch.append(diff)
+        return (_CarriedKV.apply(key, kbuf, self.dkeys[layer_idx], s),
+                _CarriedKV.apply(value, vbuf, self.dvalues[layer_idx], s))
