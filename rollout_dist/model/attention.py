@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
 ATTN_NAME = "rollout_chunk"
 
 
-def chunk_mask(q_len: int, kv_len: int, sliding_window: int | None, device) -> torch.Tensor | None:
-    """Boolean (q_len, kv_len) mask, True where a query may attend; None when every key is visible."""
+def chunk_mask(q_len: int, kv_len: int, sliding_window: int | None, device) -> torch.Tensor:
+    """Boolean (q_len, kv_len) mask, True where a query may attend."""
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
     allowed = k_pos <= q_pos
@@ -33,13 +34,13 @@ def chunk_attention_forward(module, query, key, value, attention_mask=None, drop
                          "(mark ignored positions with label -100 instead)")
     q_len, kv_len = query.shape[2], key.shape[2]
     gqa = query.shape[1] != key.shape[1]
-    if sliding_window is None and q_len == kv_len:
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
-                                             is_causal=True, enable_gqa=gqa)
-    else:
+    if sliding_window is not None and sliding_window < kv_len:
         mask = chunk_mask(q_len, kv_len, sliding_window, query.device)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                             scale=scaling, enable_gqa=gqa)
+    else:
+        # lower-right causal bias: flash attention on CUDA (no mask tensor), a materialised mask elsewhere
+        mask = causal_lower_right(q_len, kv_len)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 

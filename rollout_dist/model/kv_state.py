@@ -13,27 +13,29 @@ import torch
 
 
 class _CarriedKV(torch.autograd.Function):
-    """Joins the carried prefix of one layer with the chunk's own fresh K (or V), for the backward recompute.
+    """The K (or V) one chunk attends to during the backward recompute: the carried prefix plus its own.
 
-    forward: ``cat(buf[:, :, :start], chunk)`` (the prefix enters as a constant).
+    forward: makes sure ``buf[:, :, start:end]`` holds the chunk's fresh values (bit-identical to what the
+    fill phase stored) and returns a view ``buf[:, :, :end]``: no copy of the prefix is made.
     backward: the prefix part of the incoming gradient is added in place into ``grad_buf[:, :, :start]``
     (dK/dV handed back to earlier chunks); the chunk part gets ``grad_buf[:, :, start:end]`` added, which
     holds what later chunks (already run backward) sent to this chunk's keys.
     """
 
     @staticmethod
-    def forward(ctx, chunk: torch.Tensor, buf: torch.Tensor, grad_buf: torch.Tensor, start: int):
-        ctx.grad_buf, ctx.start, ctx.end = grad_buf, start, start + chunk.shape[2]
-        if start == 0:
-            return chunk.view_as(chunk)
-        return torch.cat([buf[:, :, :start], chunk], dim=2)
+    def forward(ctx, chunk: torch.Tensor, buf: torch.Tensor, grad_buf: torch.Tensor, start: int, filled: int):
+        end = start + chunk.shape[2]
+        ctx.grad_buf, ctx.start, ctx.end = grad_buf, start, end
+        if end > filled:
+            buf[:, :, start:end].copy_(chunk)
+        return buf.detach()[:, :, :end]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         s, e, gbuf = ctx.start, ctx.end, ctx.grad_buf
         if s > 0:
             gbuf[:, :, :s].add_(grad[:, :, :s])
-        return grad[:, :, s:] + gbuf[:, :, s:e], None, None, None
+        return grad[:, :, s:] + gbuf[:, :, s:e], None, None, None, None
 
 
 @dataclass
@@ -90,5 +92,5 @@ class KVState:
             diff = max((key.detach() - kbuf[:, :, s:e]).abs().max().item(),
                        (value.detach() - vbuf[:, :, s:e]).abs().max().item())
             self.recompute_mismatch.append(diff)
-        return (_CarriedKV.apply(key, kbuf, self.dkeys[layer_idx], s),
-                _CarriedKV.apply(value, vbuf, self.dvalues[layer_idx], s))
+        return (_CarriedKV.apply(key, kbuf, self.dkeys[layer_idx], s, self.filled),
+                _CarriedKV.apply(value, vbuf, self.dvalues[layer_idx], s, self.filled))

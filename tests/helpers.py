@@ -1,0 +1,68 @@
+"""Shared builders for tests: tiny HF models of each supported family and the full-sequence reference."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+VOCAB = 101
+
+_FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_model(family: str = "llama", dtype=torch.float64, seed: int = 0, **overrides):
+    cfg_cls, model_cls = _FAMILIES[family]
+    kwargs = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  attention_dropout=0.0, tie_word_embeddings=False)
+    if family == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kwargs)).to(dtype)
+    # random init gives tiny, nearly equal gradients everywhere; widen the spread so relative errors mean something
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def reference_loss_and_grads(model, input_ids, labels=None):
+    """Full-sequence forward/backward; CE in float64 when the model is float64 (HF itself upcasts to float32)."""
+    labels = input_ids if labels is None else labels
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids).logits
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    ldtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = F.cross_entropy(logits.to(ldtype).reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def grads_of(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def worst_rel_error(grads, ref):
+    worst, name = 0.0, None
+    for n, g in ref.items():
+        err = ((grads[n].double() - g.double()).norm() / g.double().norm()).item()
+        if err > worst:
+            worst, name = err, n
+    return worst, name
+
+
+def total_rel_error(grads, ref):
+    """Relative error of all gradients taken together, in float64."""
+    num = sum(((grads[n].double() - g.double()) ** 2).sum() for n, g in ref.items())
+    den = sum((g.double() ** 2).sum() for g in ref.values())
+    return (num / den).sqrt().item()
