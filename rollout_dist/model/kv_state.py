@@ -15,11 +15,13 @@ import torch
 class _CarriedKV(torch.autograd.Function):
     """The K (or V) one chunk attends to during the backward recompute: the carried prefix plus its own.
 
-    forward: makes sure ``buf[:, :, start:end]`` holds the chunk's fresh values (bit-identical to what the
-    fill phase stored) and returns a view ``buf[:, :, :end]``: no copy of the prefix is made.
-    backward: the prefix part of the incoming gradient is added in place into ``grad_buf[:, :, :start]``
-    (dK/dV handed back to earlier chunks); the chunk part gets ``grad_buf[:, :, start:end]`` added, which
-    holds what later chunks (already run backward) sent to this chunk's keys.
+    ``chunk`` is (B, heads, c, D) as HF's attention makes it; ``buf``/``grad_buf`` are (B, T, heads, D), the
+    flash-attention layout, so the prefix view handed to attention is contiguous for B = 1 and never copied.
+    forward: makes sure ``buf[:, start:end]`` holds the chunk's fresh values (bit-identical to what the fill
+    phase stored) and returns the view ``buf[:, :end]`` as (B, heads, end, D).
+    backward: the prefix part of the incoming gradient is added in place into ``grad_buf[:, :start]`` (dK/dV
+    handed back to earlier chunks); the chunk part gets ``grad_buf[:, start:end]`` added, which holds what
+    later chunks (already run backward) sent to this chunk's keys.
     """
 
     @staticmethod
@@ -27,20 +29,20 @@ class _CarriedKV(torch.autograd.Function):
         end = start + chunk.shape[2]
         ctx.grad_buf, ctx.start, ctx.end = grad_buf, start, end
         if end > filled:
-            buf[:, :, start:end].copy_(chunk)
-        return buf.detach()[:, :, :end]
+            buf[:, start:end].copy_(chunk.transpose(1, 2))
+        return buf.detach()[:, :end].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         s, e, gbuf = ctx.start, ctx.end, ctx.grad_buf
         if s > 0:
-            gbuf[:, :, :s].add_(grad[:, :, :s])
-        return grad[:, :, s:] + gbuf[:, :, s:e], None, None, None, None
+            gbuf[:, :s].add_(grad[:, :, :s].transpose(1, 2))
+        return grad[:, :, s:] + gbuf[:, s:e].transpose(1, 2), None, None, None, None
 
 
 @dataclass
 class KVState:
-    """Per-layer K/V of one document (batch), shape (B, kv_heads, T, head_dim) each, in the model's dtype.
+    """Per-layer K/V of one document (batch), shape (B, T, kv_heads, head_dim) each, in the model's dtype.
 
     ``phase`` is ``"fill"`` during the first (no-grad) forward, where each chunk's K/V are written into the
     buffers, and ``"recompute"`` during the reverse pass, where the chunk's K/V come fresh from the graph and
@@ -61,7 +63,7 @@ class KVState:
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> "KVState":
-        shape = (batch, kv_heads, length, head_dim)
+        shape = (batch, length, kv_heads, head_dim)
         return cls(keys=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)],
                    values=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)])
 
@@ -83,14 +85,14 @@ class KVState:
         s, e = self.start, self.start + key.shape[2]
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
         if self.phase == "fill":
-            kbuf[:, :, s:e].copy_(key)
-            vbuf[:, :, s:e].copy_(value)
+            kbuf[:, s:e].copy_(key.transpose(1, 2))
+            vbuf[:, s:e].copy_(value.transpose(1, 2))
             if layer_idx == len(self.keys) - 1:
                 self.filled = max(self.filled, e)
-            return kbuf[:, :, :e], vbuf[:, :, :e]
+            return kbuf[:, :e].transpose(1, 2), vbuf[:, :e].transpose(1, 2)
         if self.verify_recompute and e <= self.filled:
-            diff = max((key.detach() - kbuf[:, :, s:e]).abs().max().item(),
-                       (value.detach() - vbuf[:, :, s:e]).abs().max().item())
+            diff = max((key.detach().transpose(1, 2) - kbuf[:, s:e]).abs().max().item(),
+                       (value.detach().transpose(1, 2) - vbuf[:, s:e]).abs().max().item())
             self.recompute_mismatch.append(diff)
         return (_CarriedKV.apply(key, kbuf, self.dkeys[layer_idx], s, self.filled),
                 _CarriedKV.apply(value, vbuf, self.dvalues[layer_idx], s, self.filled))

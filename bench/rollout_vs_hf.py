@@ -1,0 +1,155 @@
+"""rollout_dist exact rollout vs the HF full-sequence baseline, one GPU, same call, same model shape.
+
+Baseline (as ../shared/bench/baseline_hf_fullseq.py): HF LlamaForCausalLM, bf16, SDPA, gradient checkpointing,
+fused AdamW, one whole document per step.  Ours: the same model and optimizer, one step =
+``chunked_forward_backward`` + ``opt.step()``.  Each step is timed with synchronisation after a warm-up step;
+the figure is the minimum over timed steps.  FLOPs = 6*N*T + 6*L*H*T^2 against a bf16 matmul peak measured
+in the same call.  One JSON line per measurement to stdout and $OUT/rollout_vs_hf.jsonl; a table last.
+
+    python bench/rollout_vs_hf.py --model tinyllama_1b --hf 131072 --ours 262144 --chunk 4096
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from rollout_dist import chunked_forward_backward  # noqa: E402
+
+SHAPES = {
+    "tinyllama_1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4),
+    "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+}
+OUT = os.environ.get("OUT", "/tmp")
+RECORDS = []
+
+
+def emit(rec):
+    RECORDS.append(rec)
+    line = json.dumps(rec)
+    print(line, flush=True)
+    with open(os.path.join(OUT, "rollout_vs_hf.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def matmul_peak():
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(10):
+        a @ b
+    e1.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * 10 / (e0.elapsed_time(e1) / 1e3) / 1e12
+
+
+def build(shape):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=1 << 22, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model.config.use_cache = False
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+
+def hf_step(model, opt, ids, chunk):
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss.item()
+
+
+def ours_step(model, opt, ids, chunk):
+    loss = chunked_forward_backward(model, ids, chunk_size=chunk).loss
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def measure(system, step, model, opt, T, chunk, peak, steps, deadline):
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = 6 * n_params * T + 6 * cfg.num_hidden_layers * cfg.hidden_size * T * T
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    rec = {"system": system, "T": T, "chunk": chunk if system == "rollout_dist" else None,
+           "gpu": torch.cuda.get_device_name()}
+    try:
+        ids = torch.randint(0, cfg.vocab_size, (1, T), device="cuda")
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.time()
+            loss = step(model, opt, ids, chunk)
+            torch.cuda.synchronize()
+            times.append(time.time() - t0)
+            if time.time() > deadline:
+                break
+        dt = min(times)
+        rec.update(step_s=round(dt, 3), tok_s=round(T / dt, 1), model_tflops=round(flops / dt / 1e12, 1),
+                   mfu=round(flops / dt / 1e12 / peak, 3), loss=round(loss, 4),
+                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2), timed_steps=len(times))
+    except torch.OutOfMemoryError:
+        rec.update(oom=True, peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+    finally:
+        opt.zero_grad(set_to_none=True)
+    emit(rec)
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tinyllama_1b", choices=sorted(SHAPES))
+    ap.add_argument("--hf", type=int, nargs="*", default=[131072], help="document lengths for the HF baseline")
+    ap.add_argument("--ours", type=int, nargs="*", default=[131072, 262144], help="lengths for rollout_dist")
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per length (after one warm-up step)")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds; later lengths are skipped after it")
+    args = ap.parse_args()
+    t_start = time.time()
+    deadline = t_start + args.budget
+    peak = matmul_peak()
+    emit({"what": "bf16_matmul_8192", "tflops": round(peak, 1), "gpu": torch.cuda.get_device_name(),
+          "torch": torch.__version__})
+    for system, step, lengths in (("hf_fullseq", hf_step, args.hf), ("rollout_dist", ours_step, args.ours)):
+        if not lengths:
+            continue
+        model, opt = build(args.model)
+        if system == "hf_fullseq":
+            model.gradient_checkpointing_enable()
+        warm = min(lengths[0], 8192)
+        measure(system + "_warmup", step, model, opt, warm, args.chunk, peak, 1, deadline)
+        for T in lengths:
+            if time.time() > deadline:
+                emit({"system": system, "T": T, "skipped": "time budget"})
+                continue
+            rec = measure(system, step, model, opt, T, args.chunk, peak, args.steps, deadline)
+            if rec.get("oom"):
+                break
+        del model, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    print("\nsystem        T         tok/s     MFU    peak GiB  step s")
+    for r in RECORDS:
+        if "T" in r and "warmup" not in r["system"]:
+            print(f"{r['system']:<13} {r['T']:<9} {r.get('tok_s', 'OOM' if r.get('oom') else '-'):<9} "
+                  f"{r.get('mfu', '-'):<6} {r.get('peak_mem_gib', '-'):<9} {r.get('step_s', '-')}")
+
+
+if __name__ == "__main__":
+    main()

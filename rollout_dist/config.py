@@ -1,0 +1,186 @@
+"""Run configuration: one dataclass per section, checked in ``__post_init__``, registered in Hydra's ConfigStore.
+
+Hydra composes ``hydra_conf/config.yaml`` (groups: model, data, rollout, trainer, checkpoint) onto the schema
+``base_config`` registered here; ``to_train_config`` turns the composed tree into these dataclasses, which runs
+the checks.  This module does not import torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+DTYPES = ("auto", "float32", "bfloat16", "float64")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must change; the message names the key, the value and what to do."""
+
+
+def _positive(key: str, value, hint: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}{'; ' + hint if hint else ''}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Which shape this is (the config group's option); informational."""
+    path: Optional[str] = None
+    """Local HF model directory (config.json, weights, tokenizer). None: build ``family`` from the fields below
+    with random weights and the built-in byte-level tokenizer."""
+    family: str = "llama"
+    """HF architecture built when ``path`` is None: llama, mistral or qwen2."""
+    vocab_size: int = 320
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 1 << 20
+    """Only bounds the positions RoPE is evaluated at; nothing is allocated for it."""
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    attention_dropout: float = 0.0
+    dtype: str = "auto"
+    """float32, bfloat16, float64, or auto: bfloat16 on a GPU, float32 on CPU."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r} is not one of {DTYPES}")
+        if self.family not in ("llama", "mistral", "qwen2"):
+            raise ConfigError(f"model.family={self.family!r}: choose llama, mistral or qwen2")
+        if self.path is None:
+            for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                        "num_kv_heads", "max_position_embeddings"):
+                _positive(f"model.{key}", getattr(self, key))
+            if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+                raise ConfigError(f"model.hidden_size={self.hidden_size} must divide by model.num_heads="
+                                  f"{self.num_heads}, which must divide by model.num_kv_heads={self.num_kv_heads}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ConfigError(f"model.attention_dropout must lie in [0, 1), got {self.attention_dropout}")
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    """A .txt file (one document), a .jsonl file (one document per line, in ``text_field``), a directory of
+    those, or a glob. None: the sample corpus bundled with the package (rollout_dist/assets/corpus)."""
+    text_field: str = "text"
+    """Field of each JSONL record that holds the document text."""
+    max_doc_tokens: Optional[int] = None
+    """Split longer documents into consecutive pieces of at most this many tokens. None: no limit, except
+    4096 for the bundled sample so that the CPU demo stays quick."""
+    shuffle: bool = True
+    """Reshuffle document order every epoch (deterministic for ``trainer.seed``)."""
+    invalid_utf8: str = "replace"
+    """What to do with bytes that are not UTF-8: replace (with U+FFFD, counted and reported) or error."""
+
+    def __post_init__(self):
+        if self.max_doc_tokens is not None:
+            _positive("data.max_doc_tokens", self.max_doc_tokens, "or null for no limit")
+            if self.max_doc_tokens < 2:
+                raise ConfigError("data.max_doc_tokens must be at least 2 (a document needs a next-token target)")
+        if self.invalid_utf8 not in ("replace", "error"):
+            raise ConfigError(f"data.invalid_utf8={self.invalid_utf8!r}: choose replace or error")
+
+
+@dataclass
+class RolloutConfig:
+    mode: str = "exact"
+    """exact: chunks attend to all earlier K/V and gradients equal full-sequence training."""
+    chunk_size: int = 512
+    """Tokens per chunk. Activation memory scales with it; the K/V of the whole document are kept."""
+
+    def __post_init__(self):
+        _positive("rollout.chunk_size", self.chunk_size, "it is the number of tokens per chunk, e.g. 1024")
+        if self.mode != "exact":
+            raise ConfigError(f"rollout.mode={self.mode!r} is not available yet; use rollout.mode=exact")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 40
+    """Optimizer steps to run."""
+    seed: int = 0
+    grad_accum: int = 1
+    """Documents per optimizer step (per data-parallel rank). The loss is normalised by the target tokens of
+    the whole window, so k accumulated documents give the update of one batch of those k documents."""
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 5
+    schedule: str = "cosine"
+    """constant (after warm-up), cosine or linear decay to ``min_lr`` at ``max_steps``."""
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1 or 2."""
+    device: str = "auto"
+    """auto (CUDA when available), cuda or cpu."""
+    log_every: int = 1
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        _positive("trainer.max_steps", self.max_steps)
+        _positive("trainer.grad_accum", self.grad_accum)
+        _positive("trainer.log_every", self.log_every)
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"trainer.zero_stage={self.zero_stage}: chunked rollout supports ZeRO 0, 1 or 2")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"trainer.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"trainer.device={self.device!r}: choose auto, cuda or cpu")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= trainer.min_lr <= trainer.lr and lr > 0; got lr={self.lr}, "
+                              f"min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("trainer.warmup_steps and trainer.grad_clip must not be negative")
+        if len(self.betas) != 2:
+            raise ConfigError(f"trainer.betas needs two values, got {self.betas}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default"
+    """Run directory: logs, TensorBoard events, the resolved config and the final HF model (``final/``).
+    It must not already hold a run: nothing of an earlier run is overwritten."""
+    save_final: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=TrainConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Composed Hydra tree -> checked dataclasses (``__post_init__`` of every section runs here)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf wraps errors raised inside __post_init__
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+    if not isinstance(obj, TrainConfig):
+        raise ConfigError("the composed config is not a TrainConfig; does hydra_conf/config.yaml list base_config?")
+    return obj
+
+
+register_configs()
