@@ -1,0 +1,48 @@
+"""Training entry point: ``deepspeed launch/train.py [hydra overrides]`` or ``python launch/train.py ...``.
+
+Hydra composes hydra_conf/ (see rollout_dist/config.py for every key); errors in the config, the model or the
+data are reported in one line naming the key or file, with exit status 2, before anything is written.
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from rollout_dist.config import ConfigError, to_train_config  # noqa: E402
+from rollout_dist.data import DataError  # noqa: E402
+
+
+def _strip_launcher_args() -> None:
+    """The deepspeed launcher appends --local_rank=N; Hydra accepts only overrides, so move it to the env."""
+    kept = []
+    for arg in sys.argv[1:]:
+        if arg.startswith("--local_rank"):
+            value = arg.split("=", 1)[1] if "=" in arg else None
+            if value is not None:
+                os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        kept.append(arg)
+    sys.argv[1:] = kept
+
+
+@hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from rollout_dist.trainer import Trainer
+    try:
+        train_cfg = to_train_config(cfg)
+        trainer = Trainer(train_cfg, resolved_config=OmegaConf.to_yaml(cfg, resolve=True))
+    except (ConfigError, DataError, NotImplementedError) as err:
+        logging.getLogger("rollout_dist").error("%s", err)
+        sys.exit(2)
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    _strip_launcher_args()
+    main()

@@ -1,0 +1,306 @@
+"""Builds model, data and a DeepSpeed engine from a ``TrainConfig`` and owns the training loop.
+
+Every input is checked before anything is written: the run directory is created only once the model and the
+documents have loaded, and it must not already hold a run.  One optimizer step = ``trainer.grad_accum``
+documents per rank, each run through the exact chunk rollout; the loss of the step is normalised by the target
+tokens of the whole window (``Window``), so accumulating k documents equals one batch of those k documents.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError, ModelConfig, TrainConfig
+from .data import Document, DocumentOrder, load_documents
+from .engine import ExactRollout
+from .tokenizer import byte_tokenizer
+
+log = logging.getLogger("rollout_dist")
+
+# warm-up starts at this fraction of trainer.lr (DeepSpeed's schedulers start at their minimum on step 0)
+_WARMUP_START = 0.1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def build_model(cfg: ModelConfig, device: torch.device):
+    """(model, tokenizer): from ``cfg.path`` (local HF directory) or built from the shape in ``cfg``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, \
+        MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    dtype = _DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cfg.path is not None:
+        path = Path(os.path.expanduser(cfg.path))
+        if not path.is_dir():
+            raise ConfigError(f"model.path={cfg.path!r}: no such directory; give a local HF model directory "
+                              "(one written by save_pretrained, with config.json and weights)")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={cfg.path!r} holds no config.json, so it is not an HF model directory")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as err:  # transformers raises several types here
+            raise ConfigError(f"model.path={cfg.path!r}: could not load its tokenizer ({err}); save the "
+                              "tokenizer next to the weights with tokenizer.save_pretrained") from None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    else:
+        families = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                    "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+        config_cls, model_cls = families[cfg.family]
+        tokenizer = byte_tokenizer()
+        if cfg.vocab_size < len(tokenizer):
+            raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the built-in byte tokenizer's "
+                              f"{len(tokenizer)} tokens")
+        extra = {"sliding_window": None} if cfg.family == "mistral" else {}
+        hf_config = config_cls(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            tie_word_embeddings=cfg.tie_word_embeddings, attention_dropout=cfg.attention_dropout,
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
+            attn_implementation="sdpa", **extra)
+        model = model_cls(hf_config)
+    model.config.use_cache = False
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device: torch.device) -> dict:
+    """The DeepSpeed config for this run: optimizer, precision, clipping, ZeRO stage, LR schedule, TensorBoard."""
+    t = cfg.trainer
+    if t.schedule == "cosine":
+        scheduler = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": t.max_steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
+            "warmup_min_ratio": _WARMUP_START, "cos_min_ratio": t.min_lr / t.lr}}
+    elif t.schedule == "linear":
+        scheduler = {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": t.max_steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
+            "warmup_min_lr": _WARMUP_START * t.lr, "warmup_max_lr": t.lr}}
+    else:
+        scheduler = {"type": "WarmupLR", "params": {
+            "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
+            "warmup_min_lr": _WARMUP_START * t.lr, "warmup_max_lr": t.lr}}
+    ds = {
+        # the rollout marks accumulation boundaries itself (set_gradient_accumulation_boundary), so DeepSpeed
+        # sees one micro-batch per step and never rescales the loss
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+            "torch_adam": device.type != "cuda"}},
+        "scheduler": scheduler,
+        "steps_per_print": 1 << 30,
+        "tensorboard": {"enabled": t.tensorboard, "output_path": str(run_dir / "tensorboard"),
+                        "job_name": "train"},
+    }
+    if dtype == torch.bfloat16:
+        ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}  # chunk gradients add up in fp32, not bf16
+    return ds
+
+
+def init_distributed(device: torch.device) -> None:
+    """Joins the process group that ``deepspeed``/``torchrun`` set up, or makes a one-process group."""
+    import deepspeed
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    tokens: int
+    chunks: int
+    seconds: float
+    tokens_per_s: float
+    peak_mem_gib: float
+    lr: float
+    grad_norm: float | None
+
+
+class Trainer:
+    """Owns one training run; ``fit()`` runs it.  Construction checks every input and writes nothing."""
+
+    def __init__(self, cfg: TrainConfig, resolved_config: str | None = None):
+        if cfg.trainer.device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.cfg = cfg
+        self.resolved_config = resolved_config
+        self.device = resolve_device(cfg.trainer.device)
+        self.run_dir = Path(cfg.checkpoint.dir)
+        self._check_run_dir()
+        torch.manual_seed(cfg.trainer.seed)
+        self.model, self.tokenizer = build_model(cfg.model, self.device)
+        self.docs, self.data_report = load_documents(
+            cfg.data.path, self.tokenizer, self.model.config.vocab_size, text_field=cfg.data.text_field,
+            max_doc_tokens=cfg.data.max_doc_tokens, invalid_utf8=cfg.data.invalid_utf8,
+            progress=os.environ.get("RANK", "0") == "0")
+        self.rollout = ExactRollout(cfg.rollout.chunk_size)
+        self.engine = None
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _check_run_dir(self) -> None:
+        if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
+            raise ConfigError(f"checkpoint.dir={str(self.run_dir)!r} already holds an earlier run; nothing is "
+                              "overwritten: choose a new checkpoint.dir or move that run away")
+
+    def setup(self) -> None:
+        """Process group, run directory, DeepSpeed engine; called by ``fit``."""
+        import deepspeed
+
+        init_distributed(self.device)
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._add_file_log()
+            if self.resolved_config is not None:
+                (self.run_dir / "config.yaml").write_text(self.resolved_config)
+        torch.distributed.barrier()
+        self.order = DocumentOrder(len(self.docs), seed=self.cfg.trainer.seed, rank=self.rank, world=self.world,
+                                   shuffle=self.cfg.data.shuffle)
+        ds_config = deepspeed_config(self.cfg, self.model.dtype, self.run_dir, self.device)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
+                                                    config=ds_config)
+        r = self.data_report
+        log.info("model: %s, %.2fM parameters, %s on %s; rollout: %s, chunk_size %d",
+                 type(self.model).__name__, sum(p.numel() for p in self.model.parameters()) / 1e6,
+                 str(self.model.dtype).replace("torch.", ""), self.device, self.cfg.rollout.mode,
+                 self.cfg.rollout.chunk_size)
+        log.info("data: %d documents (%d tokens) from %d file(s); %d skipped as too short; %d extra pieces from "
+                 "splitting long documents; %d data-parallel rank(s)", r.documents, r.tokens, r.files,
+                 len(r.skipped_short), r.pieces_from_splits, self.world)
+        log.info("run directory: %s", self.run_dir.resolve())
+
+    def _add_file_log(self) -> None:
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def accumulate(self, window: list[Document]) -> tuple[float, int, int]:
+        """Runs the rollouts of one accumulation window; gradients end up in the engine, no optimizer step.
+
+        Returns (sum of token losses, target tokens, chunks).  Each chunk's backward goes through
+        ``engine.backward``; only the very last one of the window is an accumulation boundary, where DeepSpeed
+        reduces gradients across data-parallel ranks.
+        """
+        engine = self.engine
+        window_tokens = sum(len(d.input_ids) - 1 for d in window)
+        loss_sum, chunks = 0.0, 0
+        for i, doc in enumerate(window):
+            ids = torch.tensor([doc.input_ids], device=self.device)
+            calls, n_chunks, last_doc = 0, len(self.rollout.spans(ids.shape[1])), i == len(window) - 1
+
+            def backward(loss, _last=last_doc, _n=n_chunks):
+                nonlocal calls
+                calls += 1
+                engine.set_gradient_accumulation_boundary(_last and calls == _n)
+                engine.backward(loss)
+
+            result = self.rollout.run(engine.module, ids, loss_normalizer=window_tokens, backward=backward)
+            loss_sum += result.loss_sum
+            chunks += result.num_chunks
+        return loss_sum, window_tokens, chunks
+
+    def train_step(self) -> StepStats:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        window = [self.docs[self.order.next()] for _ in range(self.cfg.trainer.grad_accum)]
+        loss_sum, tokens, chunks = self.accumulate(window)
+        lr = self.engine.get_lr()[0]
+        self.engine.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.step += 1
+        totals = torch.tensor([loss_sum, tokens, chunks], dtype=torch.float64)
+        if self.world > 1:
+            totals = totals.to(self.device)
+            torch.distributed.all_reduce(totals)
+        loss_sum, tokens, chunks = totals.tolist()
+        grad_norm = self.engine.get_global_grad_norm()
+        return StepStats(step=self.step, loss=loss_sum / tokens, tokens=int(tokens), chunks=int(chunks),
+                         seconds=seconds, tokens_per_s=tokens / seconds, peak_mem_gib=peak_memory_gib(self.device),
+                         lr=lr,
+                         grad_norm=None if grad_norm is None else float(grad_norm))
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def fit(self) -> list[StepStats]:
+        self.setup()
+        history: list[StepStats] = []
+        bar = tqdm(total=self.cfg.trainer.max_steps, desc="train", unit="step", disable=self.rank != 0,
+                   dynamic_ncols=True, file=sys.stderr)
+        while self.step < self.cfg.trainer.max_steps:
+            stats = self.train_step()
+            history.append(stats)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{stats.tokens_per_s:,.0f}")
+            if self.rank == 0 and (stats.step % self.cfg.trainer.log_every == 0 or stats.step == 1):
+                bar.write(f"step {stats.step:>5}  loss {stats.loss:.4f}  tokens {stats.tokens:>8}  "
+                          f"chunks {stats.chunks:>4}  {stats.tokens_per_s:>10,.0f} tok/s  "
+                          f"peak {stats.peak_mem_gib:.2f} GiB  lr {stats.lr:.2e}")
+                log.debug("step %s", asdict(stats))
+            self._tensorboard(stats)
+        bar.close()
+        self._finish(history)
+        return history
+
+    def _tensorboard(self, s: StepStats) -> None:
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is None or not monitor.enabled:
+            return
+        monitor.write_events([("train/loss", s.loss, s.step), ("train/tokens_per_s", s.tokens_per_s, s.step),
+                              ("train/peak_mem_gib", s.peak_mem_gib, s.step), ("train/chunks", s.chunks, s.step),
+                              ("train/lr", s.lr, s.step)])
+
+    def _finish(self, history: list[StepStats]) -> None:
+        torch.distributed.barrier()
+        if self.rank != 0:
+            return
+        summary = {"steps": len(history), "first_loss": history[0].loss, "last_loss": history[-1].loss,
+                   "tokens": sum(s.tokens for s in history), "seconds": sum(s.seconds for s in history),
+                   "peak_mem_gib": max(s.peak_mem_gib for s in history)}
+        if self.cfg.checkpoint.save_final:
+            final = self.run_dir / "final"
+            self.engine.module.save_pretrained(final)
+            self.tokenizer.save_pretrained(final)
+            summary["final_model"] = str(final)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("done: %d steps, loss %.4f -> %.4f; %s", summary["steps"], summary["first_loss"],
+                 summary["last_loss"], f"model saved to {summary['final_model']}" if "final_model" in summary
+                 else "final model not saved (checkpoint.save_final=false)")

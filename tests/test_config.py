@@ -1,0 +1,62 @@
+"""Every shipped Hydra config composes and passes its checks; bad values are named."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from rollout_dist.config import ConfigError, TrainConfig, to_train_config
+
+CONF = Path(__file__).resolve().parents[1] / "hydra_conf"
+GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF.iterdir() if d.is_dir()}
+
+
+def load(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_train_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_groups_are_the_documented_ones():
+    assert GROUPS["model"] == ["llama3_8b", "tiny", "tinyllama_1b"]
+    assert set(GROUPS) >= {"model", "data", "rollout", "trainer", "checkpoint"}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_shipped_option_composes(group, option):
+    cfg = load(f"{group}={option}")
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_defaults_are_the_embedded_tiny_run():
+    cfg = load()
+    assert cfg.model.name == "tiny" and cfg.model.path is None and cfg.data.path is None
+    assert cfg.rollout.mode == "exact" and cfg.checkpoint.dir.startswith("runs/")
+
+
+def test_model_shapes_match_their_names():
+    tl = load("model=tinyllama_1b").model
+    assert (tl.num_layers, tl.hidden_size, tl.intermediate_size, tl.num_heads, tl.num_kv_heads, tl.vocab_size) == \
+        (22, 2048, 5632, 32, 4, 32000)
+    l3 = load("model=llama3_8b").model
+    assert (l3.num_layers, l3.hidden_size, l3.intermediate_size, l3.num_heads, l3.num_kv_heads, l3.vocab_size) == \
+        (32, 4096, 14336, 32, 8, 128256)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("rollout.chunk_size=0", "rollout.chunk_size"),
+    ("rollout.chunk_size=-8", "rollout.chunk_size"),
+    ("rollout.mode=memory", "rollout.mode"),
+    ("trainer.zero_stage=3", "trainer.zero_stage"),
+    ("trainer.grad_accum=0", "trainer.grad_accum"),
+    ("trainer.schedule=step", "trainer.schedule"),
+    ("model.dtype=float16", "model.dtype"),
+    ("model.num_kv_heads=3", "model.num_kv_heads"),
+    ("data.max_doc_tokens=1", "data.max_doc_tokens"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(override)
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(Exception, match="chunk_sise"):
+        load("rollout.chunk_sise=4")
