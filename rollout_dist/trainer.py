@@ -83,18 +83,21 @@ def build_model(cfg: ModelConfig, device: torch.device):
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device: torch.device) -> dict:
     """The DeepSpeed config for this run: optimizer, precision, clipping, ZeRO stage, LR schedule, TensorBoard."""
     t = cfg.trainer
+    # DeepSpeed's schedulers need >= 1 warm-up step and start it at their minimum: no warm-up = start at lr
+    warmup = max(1, t.warmup_steps)
+    start = _WARMUP_START if t.warmup_steps else 1.0
     if t.schedule == "cosine":
         scheduler = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.max_steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
-            "warmup_min_ratio": _WARMUP_START, "cos_min_ratio": t.min_lr / t.lr}}
+            "total_num_steps": t.max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_ratio": start, "cos_min_ratio": t.min_lr / t.lr}}
     elif t.schedule == "linear":
         scheduler = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": t.max_steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
-            "warmup_min_lr": _WARMUP_START * t.lr, "warmup_max_lr": t.lr}}
+            "total_num_steps": t.max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_lr": start * t.lr, "warmup_max_lr": t.lr}}
     else:
         scheduler = {"type": "WarmupLR", "params": {
-            "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
-            "warmup_min_lr": _WARMUP_START * t.lr, "warmup_max_lr": t.lr}}
+            "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": start * t.lr,
+            "warmup_max_lr": t.lr}}
     ds = {
         # the rollout marks accumulation boundaries itself (set_gradient_accumulation_boundary), so DeepSpeed
         # sees one micro-batch per step and never rescales the loss
@@ -160,6 +163,9 @@ class Trainer:
         self.cfg = cfg
         self.resolved_config = resolved_config
         self.device = resolve_device(cfg.trainer.device)
+        if cfg.model.dtype == "float64":
+            raise ConfigError("model.dtype=float64 is for the API's exactness checks; DeepSpeed does not reduce "
+                              "float64 gradients, so train in float32 or bfloat16")
         self.run_dir = Path(cfg.checkpoint.dir)
         self._check_run_dir()
         torch.manual_seed(cfg.trainer.seed)

@@ -1,0 +1,115 @@
+"""Trainer: gradient accumulation normalised by the window's tokens, DeepSpeed steps, run directory safety."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rollout_dist import chunked_forward_backward
+from rollout_dist.config import (CheckpointConfig, ConfigError, DataConfig, ModelConfig, RolloutConfig,
+                                 TrainConfig, TrainerConfig)
+from rollout_dist.data import Document
+from rollout_dist.trainer import Trainer
+from tests.helpers import grads_of, worst_rel_error
+
+
+def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk=7, texts=None, **trainer_kw):
+    data_dir = tmp_path / "docs"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(texts or ["The first document, somewhat longer than the second one is.",
+                                       "A second, shorter document."]):
+        (data_dir / f"{i}.txt").write_text(text)
+    cfg = TrainConfig(
+        model=ModelConfig(dtype=dtype, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                          num_kv_heads=2),
+        data=DataConfig(path=str(data_dir), shuffle=False),
+        rollout=RolloutConfig(chunk_size=chunk),
+        trainer=TrainerConfig(max_steps=2, grad_accum=grad_accum, zero_stage=zero_stage, device="cpu",
+                              warmup_steps=0, tensorboard=False, **trainer_kw),
+        checkpoint=CheckpointConfig(dir=str(tmp_path / "run")))
+    return Trainer(cfg)
+
+
+def hf_window_grads(model, docs):
+    """Reference: one full-sequence forward per document, sum of token CEs / tokens of the whole window."""
+    model = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
+    total, tokens = 0.0, sum(len(d.input_ids) - 1 for d in docs)
+    for d in docs:
+        ids = torch.tensor([d.input_ids])
+        logits = model(ids).logits[0, :-1]
+        loss = F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum") / tokens
+        loss.backward()
+        total += loss.item()
+    return total, grads_of(model)
+
+
+def test_accumulating_documents_equals_one_batch_normalised_by_window_tokens(tmp_path):
+    trainer = make_trainer(tmp_path)
+    ref_loss, ref = hf_window_grads(trainer.model, trainer.docs)
+    assert len(trainer.docs[0].input_ids) != len(trainer.docs[1].input_ids)
+    trainer.setup()
+    loss_sum, tokens, chunks = trainer.accumulate(trainer.docs)
+    assert tokens == sum(len(d.input_ids) - 1 for d in trainer.docs)
+    assert abs(loss_sum / tokens - ref_loss) <= 1e-6 * ref_loss
+    worst, name = worst_rel_error(grads_of(trainer.engine.module), ref)
+    assert worst <= 1e-5, (name, worst)
+    # the normalisation is by the window: per-document means would differ by far more than the tolerance
+    per_doc = [len(d.input_ids) - 1 for d in trainer.docs]
+    assert abs(per_doc[0] - per_doc[1]) / sum(per_doc) > 0.1
+
+
+def test_accumulation_equals_a_batch_of_equal_length_documents(tmp_path):
+    texts = ["abcdefghijklmnopqrstuvwxyz0123", "The quick brown fox jumps over"]
+    trainer = make_trainer(tmp_path, texts=texts)
+    batch = torch.tensor([d.input_ids for d in trainer.docs])
+    model = copy.deepcopy(trainer.model)
+    batch_result = chunked_forward_backward(model, batch, chunk_size=5)
+    trainer.setup()
+    loss_sum, tokens, _ = trainer.accumulate(trainer.docs)
+    assert tokens == batch_result.num_tokens
+    assert abs(loss_sum / tokens - batch_result.loss) <= 1e-6 * batch_result.loss
+    worst, name = worst_rel_error(grads_of(trainer.engine.module), grads_of(model))
+    assert worst <= 1e-5, (name, worst)
+
+
+def test_fit_steps_and_updates_weights_and_saves_hf_model(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    trainer = make_trainer(tmp_path, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    history = trainer.fit()
+    assert [s.step for s in history] == [1, 2] and all(s.chunks >= 2 for s in history)
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(before)
+    final = tmp_path / "run" / "final"
+    reloaded = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok("hi")["input_ids"] == list(b"hi")
+    for n, p in reloaded.named_parameters():
+        assert torch.equal(p, dict(trainer.model.named_parameters())[n].detach())
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "train.log").is_file()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_give_the_same_update_as_stage_0(tmp_path, stage):
+    results = {}
+    for st in (0, stage):
+        trainer = make_trainer(tmp_path / f"z{st}", zero_stage=st)
+        trainer.fit()
+        results[st] = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    worst = max(((results[stage][n] - p).norm() / p.norm()).item() for n, p in results[0].items())
+    assert worst <= 1e-6, worst
+
+
+def test_float64_training_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(ConfigError, match="model.dtype=float64"):
+        make_trainer(tmp_path, dtype="float64")
+
+
+def test_existing_run_directory_is_refused_untouched(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("earlier run")
+    with pytest.raises(ConfigError, match="already holds an earlier run"):
+        make_trainer(tmp_path)
+    assert (run / "train.log").read_text() == "earlier run"
