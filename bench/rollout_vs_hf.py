@@ -80,6 +80,47 @@ def ours_step(model, opt, ids, chunk):
     return loss
 
 
+class _ProbeDone(Exception):
+    pass
+
+
+def probe_memory(model, opt, T, chunk, backward_chunks):
+    """Fill forward over all chunks, then the backward of the last ``backward_chunks`` chunks: the memory held
+    then (all K/V, all dK/dV, weights, grads, optimizer states, one chunk's activations) is the step's peak,
+    which stays flat for the remaining chunks.  Used where a whole step would outlast the device call."""
+    calls, times = 0, []
+
+    def backward(loss):
+        nonlocal calls
+        loss.backward()
+        torch.cuda.synchronize()
+        times.append(time.time())
+        calls += 1
+        if calls == backward_chunks:
+            raise _ProbeDone
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    rec = {"system": "rollout_dist_probe", "T": T, "chunk": chunk, "gpu": torch.cuda.get_device_name(),
+           "backward_chunks": backward_chunks}
+    t0 = time.time()
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
+        chunked_forward_backward(model, ids, chunk_size=chunk, backward=backward)
+    except _ProbeDone:
+        per_chunk = [b - a for a, b in zip(times, times[1:])]
+        rec.update(fits=True, fill_and_first_backward_s=round(times[0] - t0, 1),
+                   backward_chunk_s=[round(x, 2) for x in per_chunk],
+                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+    except torch.OutOfMemoryError:
+        rec.update(oom=True, peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+    finally:
+        opt.zero_grad(set_to_none=True)
+    emit(rec)
+    return rec
+
+
 def measure(system, step, model, opt, T, chunk, peak, steps, deadline):
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -120,6 +161,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per length (after one warm-up step)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later lengths are skipped after it")
+    ap.add_argument("--probe", type=int, nargs="*", default=[],
+                    help="lengths to probe for memory only (fill + a few backward chunks), after the timed runs")
+    ap.add_argument("--probe-chunks", type=int, default=3)
     args = ap.parse_args()
     t_start = time.time()
     deadline = t_start + args.budget
@@ -141,12 +185,15 @@ def main():
             rec = measure(system, step, model, opt, T, args.chunk, peak, args.steps, deadline)
             if rec.get("oom"):
                 break
+        if system == "rollout_dist":
+            for T in args.probe:
+                probe_memory(model, opt, T, args.chunk, args.probe_chunks)
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
     print("\nsystem        T         tok/s     MFU    peak GiB  step s")
     for r in RECORDS:
-        if "T" in r and "warmup" not in r["system"]:
+        if "T" in r and "warmup" not in r["system"] and "probe" not in r["system"]:
             print(f"{r['system']:<13} {r['T']:<9} {r.get('tok_s', 'OOM' if r.get('oom') else '-'):<9} "
                   f"{r.get('mfu', '-'):<6} {r.get('peak_mem_gib', '-'):<9} {r.get('step_s', '-')}")
 
