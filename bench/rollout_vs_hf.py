@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -73,8 +74,8 @@ def hf_step(model, opt, ids, chunk):
     return out.loss.item()
 
 
-def ours_step(model, opt, ids, chunk):
-    loss = chunked_forward_backward(model, ids, chunk_size=chunk).loss
+def ours_step(model, opt, ids, chunk, attention="auto"):
+    loss = chunked_forward_backward(model, ids, chunk_size=chunk, attention=attention).loss
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
@@ -128,7 +129,7 @@ def measure(system, step, model, opt, T, chunk, peak, steps, deadline):
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    rec = {"system": system, "T": T, "chunk": chunk if system == "rollout_dist" else None,
+    rec = {"system": system, "T": T, "chunk": chunk,
            "gpu": torch.cuda.get_device_name()}
     try:
         ids = torch.randint(0, cfg.vocab_size, (1, T), device="cuda")
@@ -159,6 +160,8 @@ def main():
     ap.add_argument("--hf", type=int, nargs="*", default=[131072], help="document lengths for the HF baseline")
     ap.add_argument("--ours", type=int, nargs="*", default=[131072, 262144], help="lengths for rollout_dist")
     ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--variants", nargs="*", default=["auto:4096"],
+                    help="rollout_dist variants as ATTENTION:CHUNK (attention: auto, cudnn, flash, sdpa)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per length (after one warm-up step)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later lengths are skipped after it")
     ap.add_argument("--probe", type=int, nargs="*", default=[],
@@ -170,32 +173,39 @@ def main():
     peak = matmul_peak()
     emit({"what": "bf16_matmul_8192", "tflops": round(peak, 1), "gpu": torch.cuda.get_device_name(),
           "torch": torch.__version__})
-    for system, step, lengths in (("hf_fullseq", hf_step, args.hf), ("rollout_dist", ours_step, args.ours)):
+    runs = [("hf_fullseq", hf_step, args.hf, None)]
+    for variant in args.variants:
+        attention, chunk = variant.split(":")
+        runs.append((f"rollout_dist[{attention}]", partial(ours_step, attention=attention), args.ours, int(chunk)))
+    for system, step, lengths, chunk in runs:
         if not lengths:
             continue
         model, opt = build(args.model)
         if system == "hf_fullseq":
             model.gradient_checkpointing_enable()
         warm = min(lengths[0], 8192)
-        measure(system + "_warmup", step, model, opt, warm, args.chunk, peak, 1, deadline)
+        measure(system + "_warmup", step, model, opt, warm, chunk, peak, 1, deadline)
         for T in lengths:
             if time.time() > deadline:
                 emit({"system": system, "T": T, "skipped": "time budget"})
                 continue
-            rec = measure(system, step, model, opt, T, args.chunk, peak, args.steps, deadline)
+            rec = measure(system, step, model, opt, T, chunk, peak, args.steps, deadline)
             if rec.get("oom"):
                 break
-        if system == "rollout_dist":
+        if system.startswith("rollout_dist"):
             for T in args.probe:
-                probe_memory(model, opt, T, args.chunk, args.probe_chunks)
+                probe_memory(model, opt, T, chunk, args.probe_chunks)
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
-    print("\nsystem        T         tok/s     MFU    peak GiB  step s")
+    hf = {r["T"]: r["tok_s"] for r in RECORDS if r.get("system") == "hf_fullseq" and "tok_s" in r}
+    print("\nsystem                 chunk  T         tok/s     vs HF  MFU    peak GiB  step s")
     for r in RECORDS:
         if "T" in r and "warmup" not in r["system"] and "probe" not in r["system"]:
-            print(f"{r['system']:<13} {r['T']:<9} {r.get('tok_s', 'OOM' if r.get('oom') else '-'):<9} "
-                  f"{r.get('mfu', '-'):<6} {r.get('peak_mem_gib', '-'):<9} {r.get('step_s', '-')}")
+            ratio = f"{r['tok_s'] / hf[r['T']]:.2f}x" if "tok_s" in r and r["T"] in hf else "-"
+            print(f"{r['system']:<22} {str(r.get('chunk') or '-'):<6} {r['T']:<9} "
+                  f"{r.get('tok_s', 'OOM' if r.get('oom') else '-'):<9} {ratio:<6} {r.get('mfu', '-'):<6} "
+                  f"{r.get('peak_mem_gib', '-'):<9} {r.get('step_s', '-')}")
 
 
 if __name__ == "__main__":

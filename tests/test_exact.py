@@ -179,7 +179,8 @@ def test_model_attention_setting_is_restored():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 flash-attention path needs a CUDA GPU")
-def test_bf16_gpu_error_no_larger_than_full_sequence_bf16():
+@pytest.mark.parametrize("attention", ["sdpa", "cudnn", "flash"])
+def test_bf16_gpu_error_no_larger_than_full_sequence_bf16(attention):
     """bf16 chunked vs an fp32 reference: error at most 1.5x that of full-sequence bf16 (same weights)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     model32 = tiny_model("llama", dtype=torch.float32, hidden_size=256, intermediate_size=512,
@@ -193,7 +194,7 @@ def test_bf16_gpu_error_no_larger_than_full_sequence_bf16():
     full_loss, full = reference_loss_and_grads(model16, ids)
     full_err = total_rel_error(full, ref)
     for chunk_size in (128, 333):
-        result = chunked_forward_backward(model16, ids, chunk_size=chunk_size)
+        result = chunked_forward_backward(model16, ids, chunk_size=chunk_size, attention=attention)
         err = total_rel_error(grads_of(model16), ref)
         model16.zero_grad(set_to_none=True)
         assert err <= 1.5 * full_err, f"chunk {chunk_size}: {err:.3e} vs full bf16 {full_err:.3e}"

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..model import CausalLMAdapter, KVState
+from ..model.attention import KERNELS
 from .loss import IGNORE_INDEX, cross_entropy_sum, shift_targets
 
 BackwardFn = Callable[[torch.Tensor], None]
@@ -76,13 +77,18 @@ def validate_inputs(input_ids: torch.Tensor, labels: torch.Tensor | None, chunk_
 class ExactRollout:
     """Runs the exact chunk-wise forward/backward of a Llama-family HF model.
 
+    ``attention`` picks the chunk-attention kernel (rollout_dist.model.attention.attention_kernel): ``auto`` uses
+    cuDNN's fused attention on CUDA in fp16/bf16 and PyTorch SDPA elsewhere.
     ``verify_recompute`` records, per recomputed chunk and layer, the largest difference between the recomputed
     K/V and those stored by the first forward (they must be bit-identical, dropout included).
     """
 
-    def __init__(self, chunk_size: int, verify_recompute: bool = False):
+    def __init__(self, chunk_size: int, verify_recompute: bool = False, attention: str = "auto"):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if attention not in KERNELS:
+            raise ValueError(f"attention={attention!r} is not one of {KERNELS}")
+        self.attention = attention
         self.chunk_size = chunk_size
         self.verify_recompute = verify_recompute
         self.last_state: KVState | None = None
@@ -113,7 +119,7 @@ class ExactRollout:
         state = adapter.new_state(batch, length)
         state.verify_recompute = self.verify_recompute
         rng = []
-        with adapter.chunk_attention():
+        with adapter.chunk_attention(self.attention):
             with torch.no_grad():
                 for s, e in spans[:-1]:  # the last chunk's K/V are needed by no later chunk
                     rng.append(_capture_rng(adapter.device))
@@ -135,11 +141,11 @@ class ExactRollout:
 
 def chunked_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_size: int,
                              labels: torch.Tensor | None = None, loss_normalizer: float | None = None,
-                             backward: BackwardFn | None = None) -> RolloutResult:
+                             backward: BackwardFn | None = None, attention: str = "auto") -> RolloutResult:
     """Exact chunk-wise forward and backward of ``model`` on ``input_ids`` (B, T); see ``ExactRollout.run``.
 
     Returns ``.loss`` (HF's mean token cross-entropy, labels shifted inside, -100 ignored; ``labels=None`` means
     ``labels=input_ids``) and ``.num_tokens``; every parameter's ``.grad`` accumulates the gradient of that loss.
     """
-    return ExactRollout(chunk_size).run(model, input_ids, labels, loss_normalizer=loss_normalizer,
-                                        backward=backward)
+    return ExactRollout(chunk_size, attention=attention).run(model, input_ids, labels,
+                                                             loss_normalizer=loss_normalizer, backward=backward)

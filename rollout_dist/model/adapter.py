@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .attention import ATTN_NAME
+from .attention import ATTN_NAME, attention_kernel
 from .kv_state import KVState
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -66,12 +66,14 @@ class CausalLMAdapter:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     @contextmanager
-    def chunk_attention(self):
-        """Routes the model's attention modules to chunk attention for the duration of a rollout."""
+    def chunk_attention(self, kernel: str = "auto"):
+        """Routes the model's attention modules to chunk attention (``kernel``: see ``attention_kernel``) for the
+        duration of a rollout."""
         previous = self.config._attn_implementation
         self.config._attn_implementation = ATTN_NAME
         try:
-            yield
+            with attention_kernel(kernel):
+                yield
         finally:
             self.config._attn_implementation = previous
 

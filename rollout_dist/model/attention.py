@@ -8,12 +8,33 @@ kv_len - q_len + i) sees keys j <= that position, and with a sliding window only
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
+from .split_attention import BACKENDS, split_chunk_attention
+
 ATTN_NAME = "rollout_chunk"
+KERNELS = ("auto", "sdpa") + BACKENDS
+_KERNEL: ContextVar[str] = ContextVar("rollout_attention_kernel", default="sdpa")
+
+
+@contextmanager
+def attention_kernel(name: str):
+    """Selects the chunk-attention kernel for a rollout: ``sdpa`` (PyTorch SDPA with a lower-right causal bias;
+    any device and dtype), ``cudnn`` or ``flash`` (split prefix/diagonal kernels merged by log-sum-exp; CUDA,
+    fp16/bf16, no dropout, no sliding window: other cases use sdpa), or ``auto`` (cudnn where it applies)."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; choose one of {KERNELS}")
+    token = _KERNEL.set(name)
+    try:
+        yield
+    finally:
+        _KERNEL.reset(token)
 
 
 def chunk_mask(q_len: int, kv_len: int, sliding_window: int | None, device) -> torch.Tensor:
@@ -33,8 +54,14 @@ def chunk_attention_forward(module, query, key, value, attention_mask=None, drop
         raise ValueError("rollout chunk attention builds its own causal mask; padding masks are not supported "
                          "(mark ignored positions with label -100 instead)")
     q_len, kv_len = query.shape[2], key.shape[2]
+    kernel = _KERNEL.get()
+    windowed = sliding_window is not None and sliding_window < kv_len
+    if (kernel != "sdpa" and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not windowed
+            and dropout == 0.0):
+        out = split_chunk_attention(query, key, value, scaling, "cudnn" if kernel == "auto" else kernel)
+        return out.transpose(1, 2).contiguous(), None
     gqa = query.shape[1] != key.shape[1]
-    if sliding_window is not None and sliding_window < kv_len:
+    if windowed:
         mask = chunk_mask(q_len, kv_len, sliding_window, query.device)
     else:
         # lower-right causal bias: flash attention on CUDA (no mask tensor), a materialised mask elsewhere
