@@ -12,7 +12,9 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+
 DTYPES = ("auto", "float32", "bfloat16", "float64")
+ATTENTION_KERNELS = ("auto", "sdpa", "cudnn", "flash")  # rollout_dist.model.attention.KERNELS
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -94,9 +96,14 @@ class RolloutConfig:
     """exact: chunks attend to all earlier K/V and gradients equal full-sequence training."""
     chunk_size: int = 512
     """Tokens per chunk. Activation memory scales with it; the K/V of the whole document are kept."""
+    attention: str = "auto"
+    """Chunk-attention kernel: auto (cuDNN fused attention on CUDA in bf16/fp16, PyTorch SDPA elsewhere), sdpa,
+    cudnn or flash (FA2). Dropout and sliding windows always use sdpa."""
 
     def __post_init__(self):
         _positive("rollout.chunk_size", self.chunk_size, "it is the number of tokens per chunk, e.g. 1024")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"rollout.attention={self.attention!r} is not one of {ATTENTION_KERNELS}")
         if self.mode != "exact":
             raise ConfigError(f"rollout.mode={self.mode!r} is not available yet; use rollout.mode=exact")
 

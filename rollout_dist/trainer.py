@@ -174,7 +174,7 @@ class Trainer:
             cfg.data.path, self.tokenizer, self.model.config.vocab_size, text_field=cfg.data.text_field,
             max_doc_tokens=cfg.data.max_doc_tokens, invalid_utf8=cfg.data.invalid_utf8,
             progress=os.environ.get("RANK", "0") == "0")
-        self.rollout = ExactRollout(cfg.rollout.chunk_size)
+        self.rollout = ExactRollout(cfg.rollout.chunk_size, attention=cfg.rollout.attention)
         self.engine = None
         self.step = 0
 

@@ -45,6 +45,7 @@ def test_model_shapes_match_their_names():
     ("rollout.chunk_size=0", "rollout.chunk_size"),
     ("rollout.chunk_size=-8", "rollout.chunk_size"),
     ("rollout.mode=memory", "rollout.mode"),
+    ("rollout.attention=xformers", "rollout.attention"),
     ("trainer.zero_stage=3", "trainer.zero_stage"),
     ("trainer.grad_accum=0", "trainer.grad_accum"),
     ("trainer.schedule=step", "trainer.schedule"),
@@ -60,3 +61,9 @@ def test_bad_values_name_their_key(override, key):
 def test_unknown_key_is_refused():
     with pytest.raises(Exception, match="chunk_sise"):
         load("rollout.chunk_sise=4")
+
+
+def test_attention_kernel_names_agree_with_the_model_code():
+    from rollout_dist.config import ATTENTION_KERNELS
+    from rollout_dist.model.attention import KERNELS
+    assert ATTENTION_KERNELS == KERNELS
