@@ -24,10 +24,16 @@ def rel(a, b):
 @pytest.mark.parametrize("backend", ["flash", "cudnn"])
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2)])
 @pytest.mark.parametrize("c,prefix", [(64, 0), (128, 1000), (300, 4096)])
-def test_split_attention_matches_reference_no_worse_than_sdpa(backend, hq, hkv, c, prefix):
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_split_attention_matches_reference_no_worse_than_sdpa(backend, hq, hkv, c, prefix, layout):
+    """``bshd``: (B, H, S, D) views of (B, S, H, D) storage, as HF's projections and the K/V buffers give them."""
     from rollout_dist.model.split_attention import split_chunk_attention
     g = torch.Generator(device="cuda").manual_seed(c + prefix)
-    mk = lambda h, n: torch.randn(2, h, n, 64, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+
+    def mk(h, n):
+        if layout == "bshd":
+            return torch.randn(2, n, h, 64, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+        return torch.randn(2, h, n, 64, device="cuda", dtype=torch.bfloat16, generator=g)
     q, k, v = mk(hq, c), mk(hkv, prefix + c), mk(hkv, prefix + c)
     dout = mk(hq, c)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -35,7 +41,7 @@ def test_split_attention_matches_reference_no_worse_than_sdpa(backend, hq, hkv, 
     ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
     errors = {}
     for name in ("sdpa", backend):
-        ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        ins = [t.detach().requires_grad_() for t in (q, k, v)]  # keep the layout under test
         if name == "sdpa":
             out = F.scaled_dot_product_attention(*ins, attn_mask=causal_lower_right(c, prefix + c),
                                                  enable_gqa=hq != hkv)

@@ -50,6 +50,9 @@ def _backward(backend: str, dout, q, k, v, out, lse, rest, causal: bool, scale: 
 
 def _forward_kernel(backend: str, q, k, v, causal: bool, scale: float):
     if backend == "cudnn":
+        # cuDNN's fused attention gave wrong results on the (B, S, H, D)-strided views the model hands over
+        # (H200, torch 2.11); contiguous (B, H, S, D) copies are transient and cheap next to the attention itself
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale)
         return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
@@ -61,6 +64,7 @@ def _forward_kernel(backend: str, q, k, v, causal: bool, scale: float):
 def _backward_kernel(backend: str, dout, q, k, v, out, lse, rest, causal: bool, scale: float):
     cum_q, cum_k, max_q, max_k, seed, offset = rest
     if backend == "cudnn":
+        q, k, v, out, dout = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous()
         return aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal, scale=scale)
     return aten._scaled_dot_product_flash_attention_backward(
