@@ -23,7 +23,8 @@ def rel(a, b):
 
 @pytest.mark.parametrize("backend", ["flash", "cudnn"])
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2)])
-@pytest.mark.parametrize("c,prefix", [(64, 0), (128, 128), (104, 896), (128, 1000), (300, 4096)])
+@pytest.mark.parametrize("c,prefix", [(64, 0), (1, 0), (1, 999), (5, 3), (128, 128), (104, 896), (128, 1000),
+                                       (300, 4096)])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_split_attention_matches_reference_no_worse_than_sdpa(backend, hq, hkv, c, prefix, layout):
     """``bshd``: (B, H, S, D) views of (B, S, H, D) storage, as HF's projections and the K/V buffers give them."""

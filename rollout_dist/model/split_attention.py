@@ -14,6 +14,8 @@ import torch
 
 aten = torch.ops.aten
 BACKENDS = ("cudnn", "flash")
+# cuDNN refuses some tiny problems (s_q = s_kv = 1, seen on H200); parts shorter than this go to FA2
+_CUDNN_MIN_LEN = 16
 # backends found to refuse grouped K/V heads (fewer K/V heads than query heads); they get expanded heads
 _NEEDS_EXPANDED_KV: set[str] = set()
 
@@ -29,7 +31,14 @@ def _reduce(g: torch.Tensor, groups: int) -> torch.Tensor:
     return g.view(b, h // groups, groups, n, d).sum(2)
 
 
+def _part_backend(backend: str, q, k) -> str:
+    if backend == "cudnn" and min(q.shape[2], k.shape[2]) < _CUDNN_MIN_LEN:
+        return "flash"
+    return backend
+
+
 def _forward(backend: str, q, k, v, causal: bool, scale: float):
+    backend = _part_backend(backend, q, k)
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and backend not in _NEEDS_EXPANDED_KV:
         try:
@@ -40,6 +49,7 @@ def _forward(backend: str, q, k, v, causal: bool, scale: float):
 
 
 def _backward(backend: str, dout, q, k, v, out, lse, rest, causal: bool, scale: float):
+    backend = _part_backend(backend, q, k)
     groups = q.shape[1] // k.shape[1]
     if groups == 1 or backend not in _NEEDS_EXPANDED_KV:
         return _backward_kernel(backend, dout, q, k, v, out, lse, rest, causal, scale)
