@@ -178,12 +178,14 @@ def main():
         attention, chunk = variant.split(":")
         runs.append((f"rollout_dist[{attention}]", partial(ours_step, attention=attention), args.ours, int(chunk)))
     for system, step, lengths, chunk in runs:
-        if not lengths:
+        probes = args.probe if system.startswith("rollout_dist") else []
+        if not lengths and not probes:
             continue
         model, opt = build(args.model)
         if system == "hf_fullseq":
             model.gradient_checkpointing_enable()
-        warm = min(lengths[0], 8192)
+        # the warm-up step also creates the optimizer states, so later peaks include them
+        warm = min(lengths[0], 8192) if lengths else 8192
         measure(system + "_warmup", step, model, opt, warm, chunk, peak, 1, deadline)
         for T in lengths:
             if time.time() > deadline:
@@ -192,9 +194,8 @@ def main():
             rec = measure(system, step, model, opt, T, chunk, peak, args.steps, deadline)
             if rec.get("oom"):
                 break
-        if system.startswith("rollout_dist"):
-            for T in args.probe:
-                probe_memory(model, opt, T, chunk, args.probe_chunks)
+        for T in probes:
+            probe_memory(model, opt, T, chunk, args.probe_chunks)
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
