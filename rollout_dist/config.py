@@ -12,6 +12,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from rollout_dist.planning.config import PlannerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 ATTENTION_KERNELS = ("auto", "sdpa", "cudnn", "flash")  # rollout_dist.model.attention.KERNELS
@@ -161,12 +162,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    pp: int = 1
+    """Pipeline stages: the decoder layers (and each layer's carried K/V) are split over this many processes,
+    which stream the chunks of a document through the stages."""
+    dp: Optional[int] = None
+    """Data-parallel replicas (documents are spread over them). None: world size / pp."""
+    stage_layers: Optional[list] = None
+    """Decoder layers per stage, e.g. [12, 10]. None: balanced by parameter count (LM head on the last stage)."""
+
+    def __post_init__(self):
+        _positive("parallel.pp", self.pp)
+        if self.dp is not None:
+            _positive("parallel.dp", self.dp, "or null for world size / pp")
+        if self.stage_layers is not None and len(self.stage_layers) != self.pp:
+            raise ConfigError(f"parallel.stage_layers={list(self.stage_layers)} needs one entry per stage "
+                              f"(parallel.pp={self.pp})")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
 
 def register_configs() -> None:
