@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import Document, DocumentOrder, load_documents
 from .engine import ExactRollout
+from .model import stage_layer_counts, stage_state_dict, trim_to_stage
+from .parallel import PipelineRollout, RankLayout
 from .tokenizer import byte_tokenizer
 
 log = logging.getLogger("rollout_dist")
@@ -190,17 +192,29 @@ class Trainer:
 
         init_distributed(self.device)
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        par = self.cfg.parallel
+        try:
+            self.layout = RankLayout(par.pp, par.dp).build_groups()
+            if par.pp > 1:
+                counts = stage_layer_counts(self.model, par.pp, par.stage_layers)
+                self.stage_info = trim_to_stage(self.model, self.layout.stage, counts)
+                for p in self.model.parameters():
+                    p.model_parallel = True  # unique to this stage: DeepSpeed sums its grad norm over stages
+                self.rollout = PipelineRollout(self.cfg.rollout.chunk_size, self.layout,
+                                               attention=self.cfg.rollout.attention)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._add_file_log()
             if self.resolved_config is not None:
                 (self.run_dir / "config.yaml").write_text(self.resolved_config)
         torch.distributed.barrier()
-        self.order = DocumentOrder(len(self.docs), seed=self.cfg.trainer.seed, rank=self.rank, world=self.world,
-                                   shuffle=self.cfg.data.shuffle)
+        self.order = DocumentOrder(len(self.docs), seed=self.cfg.trainer.seed, rank=self.layout.dp_rank,
+                                   world=self.layout.dp, shuffle=self.cfg.data.shuffle)
         ds_config = deepspeed_config(self.cfg, self.model.dtype, self.run_dir, self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
-                                                    config=ds_config)
+                                                    config=ds_config, mpu=self.layout if par.pp > 1 else None)
         r = self.data_report
         log.info("model: %s, %.2fM parameters, %s on %s; rollout: %s, chunk_size %d",
                  type(self.model).__name__, sum(p.numel() for p in self.model.parameters()) / 1e6,
@@ -208,7 +222,9 @@ class Trainer:
                  self.cfg.rollout.chunk_size)
         log.info("data: %d documents (%d tokens) from %d file(s); %d skipped as too short; %d extra pieces from "
                  "splitting long documents; %d data-parallel rank(s)", r.documents, r.tokens, r.files,
-                 len(r.skipped_short), r.pieces_from_splits, self.world)
+                 len(r.skipped_short), r.pieces_from_splits, self.layout.dp)
+        if par.pp > 1:
+            log.info("pipeline: %d stages, decoder layers per stage %s", par.pp, counts)
         log.info("run directory: %s", self.run_dir.resolve())
 
     def _add_file_log(self) -> None:
@@ -226,6 +242,13 @@ class Trainer:
         """
         engine = self.engine
         window_tokens = sum(len(d.input_ids) - 1 for d in window)
+        normalizer = float(window_tokens)
+        if self.layout.dp > 1:
+            # DeepSpeed averages gradients over replicas: divide by the tokens of all replicas' windows over dp,
+            # so the step equals one batch of every replica's documents
+            total = torch.tensor([window_tokens], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(total, group=self.layout.data_parallel_group())
+            normalizer = float(total) / self.layout.dp
         loss_sum, chunks = 0.0, 0
         for i, doc in enumerate(window):
             ids = torch.tensor([doc.input_ids], device=self.device)
@@ -237,7 +260,7 @@ class Trainer:
                 engine.set_gradient_accumulation_boundary(_last and calls == _n)
                 engine.backward(loss)
 
-            result = self.rollout.run(engine.module, ids, loss_normalizer=window_tokens, backward=backward)
+            result = self.rollout.run(engine.module, ids, loss_normalizer=normalizer, backward=backward)
             loss_sum += result.loss_sum
             chunks += result.num_chunks
         return loss_sum, window_tokens, chunks
@@ -254,7 +277,9 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         self.step += 1
-        totals = torch.tensor([loss_sum, tokens, chunks], dtype=torch.float64)
+        first = self.layout.is_first_stage  # every stage sees the same tokens: count them once per pipeline
+        totals = torch.tensor([loss_sum if self.layout.is_last_stage else 0.0, tokens if first else 0,
+                               chunks if first else 0], dtype=torch.float64)
         if self.world > 1:
             totals = totals.to(self.device)
             torch.distributed.all_reduce(totals)
@@ -279,7 +304,8 @@ class Trainer:
             if self.rank == 0 and (stats.step % self.cfg.trainer.log_every == 0 or stats.step == 1):
                 bar.write(f"step {stats.step:>5}  loss {stats.loss:.4f}  tokens {stats.tokens:>8}  "
                           f"chunks {stats.chunks:>4}  {stats.tokens_per_s:>10,.0f} tok/s  "
-                          f"peak {stats.peak_mem_gib:.2f} GiB  lr {stats.lr:.2e}")
+                          f"peak {stats.peak_mem_gib:.2f} GiB  lr {stats.lr:.2e}"
+                          + (f"  grad_norm {stats.grad_norm:.3g}" if stats.grad_norm is not None else ""))
                 log.debug("step %s", asdict(stats))
             self._tensorboard(stats)
         bar.close()
@@ -294,16 +320,34 @@ class Trainer:
                               ("train/peak_mem_gib", s.peak_mem_gib, s.step), ("train/chunks", s.chunks, s.step),
                               ("train/lr", s.lr, s.step)])
 
+    def _gather_full_state(self) -> dict | None:
+        """The whole model's state dict on global rank 0 (stages of replica 0 send theirs), None elsewhere."""
+        if self.layout.pp == 1:
+            return None
+        shards = [None] * self.layout.pp if self.rank == 0 else None
+        if self.layout.dp_rank == 0:
+            torch.distributed.gather_object(stage_state_dict(self.engine.module), shards, dst=0,
+                                            group=self.layout.pipeline_group())
+        if self.rank != 0:
+            return None
+        return {k: v for shard in shards for k, v in shard.items()}
+
     def _finish(self, history: list[StepStats]) -> None:
         torch.distributed.barrier()
+        full_state = self._gather_full_state() if self.cfg.checkpoint.save_final else None
         if self.rank != 0:
             return
         summary = {"steps": len(history), "first_loss": history[0].loss, "last_loss": history[-1].loss,
+                   "losses": [s.loss for s in history],
                    "tokens": sum(s.tokens for s in history), "seconds": sum(s.seconds for s in history),
                    "peak_mem_gib": max(s.peak_mem_gib for s in history)}
         if self.cfg.checkpoint.save_final:
             final = self.run_dir / "final"
-            self.engine.module.save_pretrained(final)
+            model = self.engine.module
+            if full_state is not None:
+                model, _ = build_model(self.cfg.model, torch.device("cpu"))
+                model.load_state_dict(full_state, strict=True)
+            model.save_pretrained(final)
             self.tokenizer.save_pretrained(final)
             summary["final_model"] = str(final)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -43,23 +43,29 @@ class CausalLMAdapter:
         self.model = model
         self.config = config
         self.decoder = model.model
+        self.stage = getattr(model, "rollout_stage", None)
+        """``StageInfo`` when the model was trimmed to one pipeline stage (rollout_dist.model.stage), else None."""
         self.layers = list(self.decoder.layers)
+        self.layer_offset = self.stage.first_layer if self.stage else 0
         self.num_layers = len(self.layers)
+        self.has_embedding = self.stage is None or self.stage.is_first
+        self.has_head = self.stage is None or self.stage.is_last
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.vocab_size = config.vocab_size
+        self.hidden_size = config.hidden_size
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
+        return next(self.model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
+        return next(self.model.parameters()).device
 
     def new_state(self, batch: int, length: int) -> KVState:
         return KVState.allocate(self.num_layers, batch, self.kv_heads, length, self.head_dim, self.dtype,
-                                self.device)
+                                self.device, layer_offset=self.layer_offset)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V per token (all layers), in the model's dtype; dK/dV double it during backward."""
@@ -77,16 +83,25 @@ class CausalLMAdapter:
         finally:
             self.config._attn_implementation = previous
 
-    def forward_chunk(self, input_ids: torch.Tensor, start: int, state: KVState, phase: str) -> torch.Tensor:
-        """Hidden states after the final norm for ``input_ids`` (B, c) at global positions [start, start + c)."""
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(input_ids)
+
+    def forward_layers(self, hidden: torch.Tensor, start: int, state: KVState, phase: str) -> torch.Tensor:
+        """Runs this model's (or stage's) decoder layers on a chunk at global positions [start, start + c)."""
         state.begin_chunk(start, phase)
-        hidden = self.decoder.embed_tokens(input_ids)
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+        positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)[None]
         rope = self.decoder.rotary_emb(hidden, positions)
         for layer in self.layers:
             out = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=state,
                         use_cache=True, position_embeddings=rope)
             hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def forward_chunk(self, input_ids: torch.Tensor, start: int, state: KVState, phase: str) -> torch.Tensor:
+        """Hidden states after the final norm for ``input_ids`` (B, c) at global positions [start, start + c)."""
+        return self.final_norm(self.forward_layers(self.embed(input_ids), start, state, phase))
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -56,16 +56,18 @@ class KVState:
     start: int = 0
     phase: str = "fill"
     filled: int = 0  # positions [0, filled) hold K/V written by the fill phase
+    layer_offset: int = 0  # global index of this state's first layer (a pipeline stage holds a slice)
     # filled when ``verify_recompute`` is on: max |recomputed - stored| over layers, per chunk (debug aid)
     verify_recompute: bool = False
     recompute_mismatch: list[float] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> "KVState":
+                 dtype: torch.dtype, device: torch.device, layer_offset: int = 0) -> "KVState":
         shape = (batch, length, kv_heads, head_dim)
         return cls(keys=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-                   values=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+                   values=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   layer_offset=layer_offset)
 
     @property
     def nbytes(self) -> int:
@@ -82,6 +84,7 @@ class KVState:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Called by the HF attention module (the Cache protocol): returns the K/V the chunk attends to."""
+        layer_idx -= self.layer_offset
         s, e = self.start, self.start + key.shape[2]
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
         if self.phase == "fill":
