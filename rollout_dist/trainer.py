@@ -38,7 +38,15 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", local_rank())
+
+
+def local_rank() -> int:
+    """This process's index on its node, from the deepspeed/torchrun launcher or Open MPI."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+
+
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
 def build_model(cfg: ModelConfig, device: torch.device):
@@ -122,9 +130,16 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
 
 
 def init_distributed(device: torch.device) -> None:
-    """Joins the process group that ``deepspeed``/``torchrun`` set up, or makes a one-process group."""
+    """Joins the process group that ``deepspeed``/``torchrun`` set up (RANK etc. in the environment), discovers
+    ranks through mpi4py under ``deepspeed --launcher openmpi``/``mpirun``, or makes a one-process group."""
     import deepspeed
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" not in os.environ and any(v in os.environ for v in _MPI_RANK_VARS):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True)
+        return
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
@@ -132,9 +147,7 @@ def init_distributed(device: torch.device) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -271,7 +284,7 @@ class Trainer:
         t0 = time.perf_counter()
         window = [self.docs[self.order.next()] for _ in range(self.cfg.trainer.grad_accum)]
         loss_sum, tokens, chunks = self.accumulate(window)
-        lr = self.engine.get_lr()[0]
+        lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
         self.engine.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

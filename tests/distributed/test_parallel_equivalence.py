@@ -7,6 +7,7 @@ gradient norm across stages and replicas is checked too.  Losses and final weigh
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def docs(tmp_path_factory):
     return d
 
 
-def train(run_dir, docs, nproc, *overrides):
+def train(run_dir, docs, nproc, *overrides, launcher="torchrun"):
     common = [f"data.path={docs}", "model.num_layers=4", "rollout.chunk_size=48", "trainer.max_steps=2",
               "trainer.warmup_steps=0", "trainer.grad_clip=0.05", "trainer.device=cpu", "trainer.log_every=1",
               "trainer.tensorboard=false", f"checkpoint.dir={run_dir}"]
@@ -37,6 +38,8 @@ def train(run_dir, docs, nproc, *overrides):
         env.pop(key, None)
     if nproc == 1:
         cmd = [sys.executable, str(TRAIN)]
+    elif launcher == "mpirun":
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(nproc), sys.executable, str(TRAIN)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(TRAIN)]
     proc = subprocess.run(cmd + common + list(overrides), cwd=run_dir.parent, env=env, capture_output=True,
@@ -68,6 +71,17 @@ def test_parallel_layout_trains_like_one_process(tmp_path, docs, reference, name
     for key, ref in ref_weights.items():
         err = ((weights[key].double() - ref.double()).norm() / ref.double().norm()).item()
         assert err <= 1e-6, f"{name}: {key} differs by {err:.2e}"
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI installed (mpirun not found)")
+def test_openmpi_launch_discovers_ranks_through_mpi4py(tmp_path, docs, reference):
+    ref_summary, ref_weights, _ = reference
+    summary, weights, log = train(tmp_path / "mpi", docs, 2, "parallel.pp=2", "trainer.grad_accum=2",
+                                  launcher="mpirun")
+    assert "decoder layers per stage [2, 2]" in log
+    assert summary["losses"] == pytest.approx(ref_summary["losses"], rel=1e-6)
+    for key, ref in ref_weights.items():
+        assert ((weights[key].double() - ref.double()).norm() / ref.double().norm()).item() <= 1e-6, key
 
 
 def test_clipping_was_active(tmp_path, docs, reference):
