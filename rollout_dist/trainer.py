@@ -125,7 +125,10 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
     }
     if dtype == torch.bfloat16:
         ds["bf16"] = {"enabled": True}
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}  # chunk gradients add up in fp32, not bf16
+        if t.zero_stage >= 1:
+            # fp32 master weights, and chunk gradients add up in fp32 rather than bf16 (DeepSpeed offers
+            # this mix with ZeRO >= 1 only; stage 0 keeps bf16 gradients, as HF does)
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
 
 
