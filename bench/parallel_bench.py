@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--model", default="tinyllama_1b")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--device", default="cuda", help="cpu for a smoke test of the script")
+    ap.add_argument("--zero", type=int, default=1, help="DeepSpeed ZeRO stage (1: fp32 master weights and grads)")
     args = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -63,6 +64,7 @@ def main():
         cfg = compose(config_name="config", overrides=[
             f"model={args.model}", f"data.path={data}", f"rollout.chunk_size={args.chunk}",
             f"rollout.attention={args.attention}", f"parallel.pp={args.pp}", f"trainer.device={args.device}",
+            f"trainer.zero_stage={args.zero}",
             f"trainer.max_steps={args.steps + 1}", "trainer.warmup_steps=0", "trainer.log_every=1",
             "trainer.tensorboard=false", "checkpoint.save_final=false", f"checkpoint.dir={run_dir}"])
     trainer = Trainer(to_train_config(cfg))
