@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 
 from ..model import CausalLMAdapter, KVState
-from ..model.attention import KERNELS
+from ..model.attention import KERNELS, SegmentMask
 from .loss import IGNORE_INDEX, cross_entropy_sum, shift_targets
+from .packing import mask_cross_document_targets, packed_positions, validate_segments
 
 BackwardFn = Callable[[torch.Tensor], None]
 
@@ -97,17 +98,32 @@ class ExactRollout:
         return [(s, min(s + self.chunk_size, length)) for s in range(0, length, self.chunk_size)]
 
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-            loss_normalizer: float | None = None, backward: BackwardFn | None = None) -> RolloutResult:
+            loss_normalizer: float | None = None, backward: BackwardFn | None = None,
+            segment_ids: torch.Tensor | None = None) -> RolloutResult:
         """Forward and backward of one (B, T) batch; parameter ``.grad`` accumulates d(loss_sum / normalizer).
 
         ``loss_normalizer`` defaults to the number of target tokens of this batch (HF's mean); a trainer that
         accumulates several documents passes the token count of the whole accumulation window.  ``backward``
         receives each chunk's scalar loss (a DeepSpeed engine's ``backward``, say); default ``Tensor.backward``.
+        ``segment_ids`` packs several documents into each row (rollout_dist.engine.packing).
         """
         adapter = CausalLMAdapter(model)
         validate_inputs(input_ids, labels, self.chunk_size, adapter.vocab_size)
         input_ids = input_ids.to(adapter.device)
         targets = shift_targets(input_ids if labels is None else labels.to(adapter.device))
+        positions = segments = None
+        if segment_ids is not None:
+            validate_segments(segment_ids, input_ids)
+            segment_ids = segment_ids.to(adapter.device)
+            targets = mask_cross_document_targets(targets, segment_ids)
+            positions = packed_positions(segment_ids)
+
+        def chunk_args(s, e):
+            if segment_ids is None:
+                return {}
+            return {"positions": positions[:, s:e],
+                    "segments": SegmentMask(query=segment_ids[:, s:e], key=segment_ids[:, :e])}
+
         num_tokens = int((targets != IGNORE_INDEX).sum())
         if num_tokens == 0:
             raise ValueError("no position has a target (all labels are -100): the loss is undefined")
@@ -123,13 +139,14 @@ class ExactRollout:
             with torch.no_grad():
                 for s, e in spans[:-1]:  # the last chunk's K/V are needed by no later chunk
                     rng.append(_capture_rng(adapter.device))
-                    adapter.forward_chunk(input_ids[:, s:e], s, state, phase="fill")
+                    adapter.forward_chunk(input_ids[:, s:e], s, state, phase="fill", **chunk_args(s, e))
             rng.append(_capture_rng(adapter.device))
             state.allocate_grads()
             loss_sum = torch.zeros((), dtype=torch.float64, device=adapter.device)
             for (s, e), rng_state in zip(reversed(spans), reversed(rng)):
                 with _RestoredRng(rng_state, adapter.device), torch.enable_grad():
-                    hidden = adapter.forward_chunk(input_ids[:, s:e], s, state, phase="recompute")
+                    hidden = adapter.forward_chunk(input_ids[:, s:e], s, state, phase="recompute",
+                                                   **chunk_args(s, e))
                     ce = cross_entropy_sum(adapter.logits(hidden), targets[:, s:e])
                     backward(ce / normalizer)
                 loss_sum += ce.detach().to(torch.float64)
@@ -141,11 +158,13 @@ class ExactRollout:
 
 def chunked_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_size: int,
                              labels: torch.Tensor | None = None, loss_normalizer: float | None = None,
-                             backward: BackwardFn | None = None, attention: str = "auto") -> RolloutResult:
+                             backward: BackwardFn | None = None, attention: str = "auto",
+                             segment_ids: torch.Tensor | None = None) -> RolloutResult:
     """Exact chunk-wise forward and backward of ``model`` on ``input_ids`` (B, T); see ``ExactRollout.run``.
 
     Returns ``.loss`` (HF's mean token cross-entropy, labels shifted inside, -100 ignored; ``labels=None`` means
     ``labels=input_ids``) and ``.num_tokens``; every parameter's ``.grad`` accumulates the gradient of that loss.
     """
     return ExactRollout(chunk_size, attention=attention).run(model, input_ids, labels,
-                                                             loss_normalizer=loss_normalizer, backward=backward)
+                                                             loss_normalizer=loss_normalizer, backward=backward,
+                                                             segment_ids=segment_ids)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .attention import ATTN_NAME, attention_kernel
+from .attention import ATTN_NAME, SegmentMask, attention_kernel
 from .kv_state import KVState
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -86,20 +86,26 @@ class CausalLMAdapter:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
 
-    def forward_layers(self, hidden: torch.Tensor, start: int, state: KVState, phase: str) -> torch.Tensor:
-        """Runs this model's (or stage's) decoder layers on a chunk at global positions [start, start + c)."""
+    def forward_layers(self, hidden: torch.Tensor, start: int, state: KVState, phase: str,
+                       positions: torch.Tensor | None = None, segments: SegmentMask | None = None) -> torch.Tensor:
+        """Runs this model's (or stage's) decoder layers on the chunk at [start, start + c) of the document.
+
+        ``positions`` (B, c) override the global positions (packed documents restart at 0); ``segments`` keeps
+        attention inside each packed document."""
         state.begin_chunk(start, phase)
-        positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)[None]
+        if positions is None:
+            positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)[None]
         rope = self.decoder.rotary_emb(hidden, positions)
         for layer in self.layers:
-            out = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=state,
+            out = layer(hidden, attention_mask=segments, position_ids=positions, past_key_values=state,
                         use_cache=True, position_embeddings=rope)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def forward_chunk(self, input_ids: torch.Tensor, start: int, state: KVState, phase: str) -> torch.Tensor:
-        """Hidden states after the final norm for ``input_ids`` (B, c) at global positions [start, start + c)."""
-        return self.final_norm(self.forward_layers(self.embed(input_ids), start, state, phase))
+    def forward_chunk(self, input_ids: torch.Tensor, start: int, state: KVState, phase: str,
+                      positions: torch.Tensor | None = None, segments: SegmentMask | None = None) -> torch.Tensor:
+        """Hidden states after the final norm for ``input_ids`` (B, c) at [start, start + c) of the document."""
+        return self.final_norm(self.forward_layers(self.embed(input_ids), start, state, phase, positions, segments))
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.norm(hidden)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,15 +48,31 @@ def chunk_mask(q_len: int, kv_len: int, sliding_window: int | None, device) -> t
     return allowed
 
 
+@dataclass(frozen=True)
+class SegmentMask:
+    """Packed documents: query and key segment ids, (B, q) and (B, kv); attention stays inside a segment."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+
+
 def chunk_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0,
                             scaling: float | None = None, sliding_window: int | None = None, **kwargs):
-    """HF attention-interface function: (B, Hq, q, D) x (B, Hkv, kv, D) -> (B, q, Hq, D), weights None."""
-    if attention_mask is not None:
+    """HF attention-interface function: (B, Hq, q, D) x (B, Hkv, kv, D) -> (B, q, Hq, D), weights None.
+
+    ``attention_mask`` is None or a ``SegmentMask`` (packed documents), never an HF padding mask."""
+    if attention_mask is not None and not isinstance(attention_mask, SegmentMask):
         raise ValueError("rollout chunk attention builds its own causal mask; padding masks are not supported "
                          "(mark ignored positions with label -100 instead)")
     q_len, kv_len = query.shape[2], key.shape[2]
     kernel = _KERNEL.get()
     windowed = sliding_window is not None and sliding_window < kv_len
+    if isinstance(attention_mask, SegmentMask):
+        allowed = chunk_mask(q_len, kv_len, sliding_window if windowed else None, query.device)[None]
+        allowed = allowed & (attention_mask.query[:, :, None] == attention_mask.key[:, None, :])
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], dropout_p=dropout,
+                                             scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
     if (kernel != "sdpa" and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not windowed
             and dropout == 0.0):
         out = split_chunk_attention(query, key, value, scaling, "cudnn" if kernel == "auto" else kernel)
