@@ -81,6 +81,9 @@ class DataConfig:
     """Reshuffle document order every epoch (deterministic for ``trainer.seed``)."""
     invalid_utf8: str = "replace"
     """What to do with bytes that are not UTF-8: replace (with U+FFFD, counted and reported) or error."""
+    chunk_index: Optional[str] = None
+    """A chunk index written by ``python -m rollout_dist.plan`` for these documents: chunks end at the planned
+    (section, paragraph, sentence) boundaries instead of every ``rollout.chunk_size`` tokens."""
 
     def __post_init__(self):
         if self.max_doc_tokens is not None:
@@ -89,6 +92,9 @@ class DataConfig:
                 raise ConfigError("data.max_doc_tokens must be at least 2 (a document needs a next-token target)")
         if self.invalid_utf8 not in ("replace", "error"):
             raise ConfigError(f"data.invalid_utf8={self.invalid_utf8!r}: choose replace or error")
+        if self.chunk_index is not None and self.max_doc_tokens is not None:
+            raise ConfigError("data.chunk_index plans whole documents; it cannot be combined with "
+                              "data.max_doc_tokens (set it to null)")
 
 
 @dataclass

@@ -90,6 +90,52 @@ def build_model(cfg: ModelConfig, device: torch.device):
     return model.to(device=device, dtype=dtype), tokenizer
 
 
+def _doc_key(doc_id: str) -> str:
+    """A document id made independent of how data.path was written: absolute file path [+ ':line']."""
+    path, sep, line = doc_id.rpartition(":")
+    if sep and path.endswith(".jsonl") and line.isdigit():
+        return f"{os.path.abspath(path)}:{line}"
+    return os.path.abspath(doc_id)
+
+
+def load_planned_spans(store: str, docs: list[Document], tokenizer) -> dict[str, list[tuple[int, int]]]:
+    """Planned chunk boundaries of every training document, from a chunk index, checked against the data."""
+    from .planning.index import ChunkIndex, ChunkIndexError
+    from .planning.tokens import tokenizer_fingerprint
+
+    try:
+        index = ChunkIndex.open(store)
+    except (ChunkIndexError, FileNotFoundError) as err:
+        raise ConfigError(f"data.chunk_index={store!r}: {err}") from None
+    if index.attrs.get("mode") != "exact":
+        raise ConfigError(f"data.chunk_index={store!r} was planned for {index.attrs.get('mode')} mode (with "
+                          "overlaps); re-plan with --mode exact for rollout.mode=exact")
+    if index.attrs["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(f"data.chunk_index={store!r} was planned with another tokenizer "
+                          f"({index.attrs['tokenizer']['name']}); re-plan with this model's tokenizer")
+    changed = index.verify_sources()
+    if changed:
+        raise ConfigError(f"data.chunk_index={store!r}: source files changed since planning: {changed[:3]}; re-plan")
+    planned = {}
+    for entry in index.documents:
+        # the index names the source file absolutely; a JSONL document adds its line to the id
+        _, sep, line = entry.doc_id.rpartition(":")
+        key = _doc_key(entry.source + (f":{line}" if sep and line.isdigit() else ""))
+        planned[key] = [(c.token_start, c.token_end) for c in index.chunks_of(entry.index)]
+    spans = {}
+    for doc in docs:
+        key = _doc_key(doc.id)
+        if key not in planned:
+            raise ConfigError(f"data.chunk_index={store!r} has no plan for {doc.id}; plan the same data.path")
+        if planned[key][-1][1] != len(doc.input_ids):
+            raise ConfigError(f"data.chunk_index={store!r}: {doc.id} has {len(doc.input_ids)} tokens but was "
+                              f"planned with {planned[key][-1][1]}; re-plan")
+        spans[doc.id] = planned[key]
+    log.info("chunk plan: %s (version %d), %d chunks for %d documents", store, index.version,
+             sum(len(v) for v in spans.values()), len(spans))
+    return spans
+
+
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device: torch.device) -> dict:
     """The DeepSpeed config for this run: optimizer, precision, clipping, ZeRO stage, LR schedule, TensorBoard."""
     t = cfg.trainer
@@ -193,6 +239,8 @@ class Trainer:
             max_doc_tokens=cfg.data.max_doc_tokens, invalid_utf8=cfg.data.invalid_utf8,
             progress=os.environ.get("RANK", "0") == "0")
         self.rollout = ExactRollout(cfg.rollout.chunk_size, attention=cfg.rollout.attention)
+        self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)
+                              if cfg.data.chunk_index else None)
         self.engine = None
         self.step = 0
 
@@ -231,6 +279,9 @@ class Trainer:
         ds_config = deepspeed_config(self.cfg, self.model.dtype, self.run_dir, self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
                                                     config=ds_config, mpu=self.layout if par.pp > 1 else None)
+        # DeepSpeed's schedulers start at iteration -1, i.e. lr 0, so the first step would not learn; place them
+        # at iteration 0 (engine.step() advances them after every optimizer step)
+        self.engine.lr_scheduler.step(0)
         r = self.data_report
         log.info("model: %s, %.2fM parameters, %s on %s; rollout: %s, chunk_size %d",
                  type(self.model).__name__, sum(p.numel() for p in self.model.parameters()) / 1e6,
@@ -268,7 +319,8 @@ class Trainer:
         loss_sum, chunks = 0.0, 0
         for i, doc in enumerate(window):
             ids = torch.tensor([doc.input_ids], device=self.device)
-            calls, n_chunks, last_doc = 0, len(self.rollout.spans(ids.shape[1])), i == len(window) - 1
+            spans = self.planned_spans[doc.id] if self.planned_spans else self.rollout.spans(ids.shape[1])
+            calls, n_chunks, last_doc = 0, len(spans), i == len(window) - 1
 
             def backward(loss, _last=last_doc, _n=n_chunks):
                 nonlocal calls
@@ -276,7 +328,8 @@ class Trainer:
                 engine.set_gradient_accumulation_boundary(_last and calls == _n)
                 engine.backward(loss)
 
-            result = self.rollout.run(engine.module, ids, loss_normalizer=normalizer, backward=backward)
+            result = self.rollout.run(engine.module, ids, loss_normalizer=normalizer, backward=backward,
+                                      spans=spans)
             loss_sum += result.loss_sum
             chunks += result.num_chunks
         return loss_sum, window_tokens, chunks

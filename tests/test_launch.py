@@ -97,3 +97,31 @@ def test_earlier_run_is_not_overwritten(tmp_path, docs):
     code, out = run(f"data.path={docs}", f"checkpoint.dir={run_dir}", cwd=tmp_path)
     assert code == 2 and "already holds an earlier run" in out, out
     assert (run_dir / "summary.json").read_text() == "{}" and len(list(run_dir.iterdir())) == 1
+
+
+def test_planned_chunks_from_a_chunk_index(tmp_path, docs):
+    index = tmp_path / "index"
+    plan = subprocess.run([sys.executable, "-m", "rollout_dist.plan", "--data", str(docs), "--out", str(index),
+                           "--profile", "default"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    from rollout_dist.planning.index import ChunkIndex
+    planned = ChunkIndex.open(index)
+    code, out = run(f"data.path={docs}", f"data.chunk_index={index}", "trainer.max_steps=2", "trainer.grad_accum=2",
+                    "trainer.log_every=1", f"checkpoint.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert code == 0, out
+    assert f"{planned.num_chunks} chunks for 2 documents" in out
+    # both documents in every step: the chunk count per step is the planned total, not T / rollout.chunk_size
+    assert f"chunks {planned.num_chunks:>4}" in out
+
+
+def test_chunk_index_of_other_data_is_refused(tmp_path, docs):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("some other document entirely. " * 10)
+    index = tmp_path / "index"
+    subprocess.run([sys.executable, "-m", "rollout_dist.plan", "--data", str(other), "--out", str(index)],
+                   cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    code, out = run(f"data.path={docs}", f"data.chunk_index={index}", f"checkpoint.dir={tmp_path / 'run'}",
+                    cwd=tmp_path)
+    assert code == 2 and "has no plan for" in out, out
+    assert not (tmp_path / "run").exists()

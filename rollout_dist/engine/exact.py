@@ -75,6 +75,20 @@ def validate_inputs(input_ids: torch.Tensor, labels: torch.Tensor | None, chunk_
                          f"[0, {vocab_size}); check that the tokenizer matches the model")
 
 
+def fixed_spans(length: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_size, length)) for s in range(0, length, chunk_size)]
+
+
+def check_spans(spans, length: int) -> list[tuple[int, int]]:
+    """Planned chunks must tile [0, length) in order, without gaps or overlaps."""
+    spans = [(int(s), int(e)) for s, e in spans]
+    ends = [0] + [e for _, e in spans]
+    if not spans or any(s != prev or e <= s for (s, e), prev in zip(spans, ends)) or spans[-1][1] != length:
+        raise ValueError(f"planned chunks {spans[:4]}... do not tile the document's {length} tokens in order; "
+                         "was the chunk index written for these documents and this tokenizer?")
+    return spans
+
+
 class ExactRollout:
     """Runs the exact chunk-wise forward/backward of a Llama-family HF model.
 
@@ -95,17 +109,19 @@ class ExactRollout:
         self.last_state: KVState | None = None
 
     def spans(self, length: int) -> list[tuple[int, int]]:
-        return [(s, min(s + self.chunk_size, length)) for s in range(0, length, self.chunk_size)]
+        return fixed_spans(length, self.chunk_size)
 
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
             loss_normalizer: float | None = None, backward: BackwardFn | None = None,
-            segment_ids: torch.Tensor | None = None) -> RolloutResult:
+            segment_ids: torch.Tensor | None = None, spans: list[tuple[int, int]] | None = None,
+            ) -> RolloutResult:
         """Forward and backward of one (B, T) batch; parameter ``.grad`` accumulates d(loss_sum / normalizer).
 
         ``loss_normalizer`` defaults to the number of target tokens of this batch (HF's mean); a trainer that
         accumulates several documents passes the token count of the whole accumulation window.  ``backward``
         receives each chunk's scalar loss (a DeepSpeed engine's ``backward``, say); default ``Tensor.backward``.
-        ``segment_ids`` packs several documents into each row (rollout_dist.engine.packing).
+        ``segment_ids`` packs several documents into each row (rollout_dist.engine.packing); ``spans`` replaces
+        the fixed chunking by planned chunk boundaries (a chunk index), [(start, end), ...] covering [0, T).
         """
         adapter = CausalLMAdapter(model)
         validate_inputs(input_ids, labels, self.chunk_size, adapter.vocab_size)
@@ -130,7 +146,7 @@ class ExactRollout:
         normalizer = float(num_tokens if loss_normalizer is None else loss_normalizer)
         backward = backward or torch.Tensor.backward
         batch, length = input_ids.shape
-        spans = self.spans(length)
+        spans = self.spans(length) if spans is None else check_spans(spans, length)
 
         state = adapter.new_state(batch, length)
         state.verify_recompute = self.verify_recompute

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.exact import BackwardFn, RolloutResult, _capture_rng, _RestoredRng, validate_inputs
+from ..engine.exact import (BackwardFn, RolloutResult, _capture_rng, _RestoredRng, check_spans, fixed_spans,
+                            validate_inputs)
 from ..engine.loss import IGNORE_INDEX, cross_entropy_sum, shift_targets
 from ..model import CausalLMAdapter
 from ..model.attention import KERNELS
@@ -33,10 +34,11 @@ class PipelineRollout:
         self.chunk_size, self.layout, self.attention = chunk_size, layout, attention
 
     def spans(self, length: int) -> list[tuple[int, int]]:
-        return [(s, min(s + self.chunk_size, length)) for s in range(0, length, self.chunk_size)]
+        return fixed_spans(length, self.chunk_size)
 
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-            loss_normalizer: float, backward: BackwardFn | None = None) -> RolloutResult:
+            loss_normalizer: float, backward: BackwardFn | None = None,
+            spans: list[tuple[int, int]] | None = None) -> RolloutResult:
         adapter = CausalLMAdapter(model)
         lay = self.layout
         validate_inputs(input_ids, labels, self.chunk_size, adapter.vocab_size)
@@ -46,7 +48,7 @@ class PipelineRollout:
         num_tokens = int((targets != IGNORE_INDEX).sum())
         backward = backward or torch.Tensor.backward
         batch, length = input_ids.shape
-        spans = self.spans(length)
+        spans = self.spans(length) if spans is None else check_spans(spans, length)
         state = adapter.new_state(batch, length)
         p2p = P2P()
 
