@@ -175,7 +175,8 @@ class ParallelConfig:
     dp: Optional[int] = None
     """Data-parallel replicas (documents are spread over them). None: world size / pp."""
     stage_layers: Optional[list] = None
-    """Decoder layers per stage, e.g. [12, 10]. None: balanced by parameter count (LM head on the last stage)."""
+    """Decoder layers per stage, e.g. [12, 10]. None: balanced by per-token training FLOPs (layer parameters
+    plus causal attention at the longest document's length; the LM head counts on the last stage)."""
 
     def __post_init__(self):
         _positive("parallel.pp", self.pp)

@@ -260,7 +260,8 @@ class Trainer:
         try:
             self.layout = RankLayout(par.pp, par.dp).build_groups()
             if par.pp > 1:
-                counts = stage_layer_counts(self.model, par.pp, par.stage_layers)
+                longest = max(len(d.input_ids) for d in self.docs)
+                counts = stage_layer_counts(self.model, par.pp, par.stage_layers, tokens=longest)
                 self.stage_info = trim_to_stage(self.model, self.layout.stage, counts)
                 for p in self.model.parameters():
                     p.model_parallel = True  # unique to this stage: DeepSpeed sums its grad norm over stages

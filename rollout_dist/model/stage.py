@@ -34,7 +34,7 @@ class StageInfo:
 def partition_layers(layer_weights: list[float], head_weight: float, num_stages: int) -> list[int]:
     """Layers per stage, contiguous, minimising the heaviest stage's load (the LM head counts on the last).
 
-    Weights are parameter counts (a proxy for compute; the embedding is a lookup and counts nothing).
+    Weights are per-token compute (the embedding is a lookup and counts nothing).
     """
     n = len(layer_weights)
     if not 1 <= num_stages <= n:
@@ -62,14 +62,19 @@ def partition_layers(layer_weights: list[float], head_weight: float, num_stages:
     return counts[::-1]
 
 
-def stage_layer_counts(model: torch.nn.Module, num_stages: int, explicit: list[int] | None = None) -> list[int]:
+def stage_layer_counts(model: torch.nn.Module, num_stages: int, explicit: list[int] | None = None,
+                       tokens: int = 0) -> list[int]:
+    """Decoder layers per stage: ``explicit``, or balanced by training FLOPs per token for documents of
+    ``tokens`` tokens: 6 x parameters for every layer and the LM head, plus 6 x hidden x T of causal attention
+    per layer (the term that dominates long documents)."""
     layers = list(model.model.layers)
     if explicit is not None:
         if len(explicit) != num_stages or sum(explicit) != len(layers) or min(explicit) < 1:
             raise ValueError(f"stage layer counts {list(explicit)} must be {num_stages} positive numbers summing "
                              f"to the model's {len(layers)} decoder layers")
         return list(explicit)
-    weights = [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
+    attention = float(model.config.hidden_size) * tokens
+    weights = [float(sum(p.numel() for p in layer.parameters())) + attention for layer in layers]
     head = float(sum(p.numel() for p in model.lm_head.parameters()) + sum(p.numel() for p in model.model.norm.parameters()))
     return partition_layers(weights, head, num_stages)
 
