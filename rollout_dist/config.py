@@ -81,6 +81,9 @@ class DataConfig:
     """Reshuffle document order every epoch (deterministic for ``trainer.seed``)."""
     invalid_utf8: str = "replace"
     """What to do with bytes that are not UTF-8: replace (with U+FFFD, counted and reported) or error."""
+    balance: bool = True
+    """With several data-parallel replicas: deal documents so every replica gets similar tokens and attention
+    cost (sum of T^2) per step (rollout_dist.planning.sharding). false: a seeded shuffle dealt round-robin."""
     chunk_index: Optional[str] = None
     """A chunk index written by ``python -m rollout_dist.plan`` for these documents: chunks end at the planned
     (section, paragraph, sentence) boundaries instead of every ``rollout.chunk_size`` tokens."""

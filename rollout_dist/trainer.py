@@ -275,8 +275,13 @@ class Trainer:
             if self.resolved_config is not None:
                 (self.run_dir / "config.yaml").write_text(self.resolved_config)
         torch.distributed.barrier()
-        self.order = DocumentOrder(len(self.docs), seed=self.cfg.trainer.seed, rank=self.layout.dp_rank,
-                                   world=self.layout.dp, shuffle=self.cfg.data.shuffle)
+        if self.layout.dp > 1 and self.cfg.data.balance:
+            from .planning.sharding import BalancedSharder
+            self.order = BalancedSharder([len(d.input_ids) for d in self.docs], seed=self.cfg.trainer.seed,
+                                         rank=self.layout.dp_rank, world=self.layout.dp)
+        else:
+            self.order = DocumentOrder(len(self.docs), seed=self.cfg.trainer.seed, rank=self.layout.dp_rank,
+                                       world=self.layout.dp, shuffle=self.cfg.data.shuffle)
         ds_config = deepspeed_config(self.cfg, self.model.dtype, self.run_dir, self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
                                                     config=ds_config, mpu=self.layout if par.pp > 1 else None)
@@ -289,8 +294,9 @@ class Trainer:
                  str(self.model.dtype).replace("torch.", ""), self.device, self.cfg.rollout.mode,
                  self.cfg.rollout.chunk_size)
         log.info("data: %d documents (%d tokens) from %d file(s); %d skipped as too short; %d extra pieces from "
-                 "splitting long documents; %d data-parallel rank(s)", r.documents, r.tokens, r.files,
-                 len(r.skipped_short), r.pieces_from_splits, self.layout.dp)
+                 "splitting long documents; %d data-parallel replica(s)%s", r.documents, r.tokens, r.files,
+                 len(r.skipped_short), r.pieces_from_splits, self.layout.dp,
+                 ", balanced by tokens and T^2" if type(self.order).__name__ == "BalancedSharder" else "")
         if par.pp > 1:
             log.info("pipeline: %d stages, decoder layers per stage %s", par.pp, counts)
         log.info("run directory: %s", self.run_dir.resolve())

@@ -56,8 +56,9 @@ def reference(tmp_path_factory, docs):
 
 @pytest.mark.parametrize("name,nproc,overrides", [
     ("pp2", 2, ["parallel.pp=2", "trainer.grad_accum=2"]),
-    ("dp2", 2, ["parallel.pp=1", "trainer.grad_accum=1"]),
-    ("pp2dp2", 4, ["parallel.pp=2", "trainer.grad_accum=1"]),
+    # the round-robin deal gives each step the same two documents as one process with grad_accum=2
+    ("dp2", 2, ["parallel.pp=1", "trainer.grad_accum=1", "data.balance=false"]),
+    ("pp2dp2", 4, ["parallel.pp=2", "trainer.grad_accum=1", "data.balance=false"]),
 ])
 def test_parallel_layout_trains_like_one_process(tmp_path, docs, reference, name, nproc, overrides):
     ref_summary, ref_weights, _ = reference
@@ -82,6 +83,14 @@ def test_openmpi_launch_discovers_ranks_through_mpi4py(tmp_path, docs, reference
     assert summary["losses"] == pytest.approx(ref_summary["losses"], rel=1e-6)
     for key, ref in ref_weights.items():
         assert ((weights[key].double() - ref.double()).norm() / ref.double().norm()).item() <= 1e-6, key
+
+
+def test_balanced_data_parallel_deals_every_document_once_per_epoch(tmp_path, docs, reference):
+    """dp=2 with balancing: 4 documents = one epoch of 2 steps; every document's tokens are trained once."""
+    ref_summary, _, _ = reference
+    summary, _, log = train(tmp_path / "balanced", docs, 2, "trainer.grad_accum=1")
+    assert "balanced by tokens and T^2" in log
+    assert summary["tokens"] == ref_summary["tokens"]  # the reference's 2 steps x 2 documents also cover all 4
 
 
 def test_clipping_was_active(tmp_path, docs, reference):
