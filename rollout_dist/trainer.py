@@ -236,7 +236,9 @@ class Trainer:
         self.model, self.tokenizer = build_model(cfg.model, self.device)
         self.docs, self.data_report = load_documents(
             cfg.data.path, self.tokenizer, self.model.config.vocab_size, text_field=cfg.data.text_field,
-            max_doc_tokens=cfg.data.max_doc_tokens, invalid_utf8=cfg.data.invalid_utf8,
+            # a chunk index plans whole documents: never split them (0 = no limit, also for the bundled sample)
+            max_doc_tokens=0 if cfg.data.chunk_index else cfg.data.max_doc_tokens,
+            invalid_utf8=cfg.data.invalid_utf8,
             progress=os.environ.get("RANK", "0") == "0")
         self.rollout = ExactRollout(cfg.rollout.chunk_size, attention=cfg.rollout.attention)
         self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)

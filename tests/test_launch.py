@@ -99,19 +99,29 @@ def test_earlier_run_is_not_overwritten(tmp_path, docs):
     assert (run_dir / "summary.json").read_text() == "{}" and len(list(run_dir.iterdir())) == 1
 
 
-def test_planned_chunks_from_a_chunk_index(tmp_path, docs):
+def test_plan_then_train_with_the_same_overrides(tmp_path, docs):
+    """launch/plan.py writes data.chunk_index with the planner profile; training with the same overrides reads it."""
     index = tmp_path / "index"
-    plan = subprocess.run([sys.executable, "-m", "rollout_dist.plan", "--data", str(docs), "--out", str(index),
-                           "--profile", "default"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    same = [f"data.path={docs}", f"data.chunk_index={index}", "planner=legal"]
+    plan = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), *same], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "profile legal, mode exact" in plan.stdout
     from rollout_dist.planning.index import ChunkIndex
     planned = ChunkIndex.open(index)
-    code, out = run(f"data.path={docs}", f"data.chunk_index={index}", "trainer.max_steps=2", "trainer.grad_accum=2",
-                    "trainer.log_every=1", f"checkpoint.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert planned.attrs["profile"]["profile"] == "legal"
+    code, out = run(*same, "trainer.max_steps=2", "trainer.grad_accum=2", "trainer.log_every=1",
+                    f"checkpoint.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert code == 0, out
     assert f"{planned.num_chunks} chunks for 2 documents" in out
     # both documents in every step: the chunk count per step is the planned total, not T / rollout.chunk_size
     assert f"chunks {planned.num_chunks:>4}" in out
+
+
+def test_plan_needs_a_store_to_write(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "data.chunk_index names the store to write" in proc.stderr
 
 
 def test_chunk_index_of_other_data_is_refused(tmp_path, docs):
