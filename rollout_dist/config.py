@@ -165,9 +165,22 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "runs/default"
-    """Run directory: logs, TensorBoard events, the resolved config and the final HF model (``final/``).
-    It must not already hold a run: nothing of an earlier run is overwritten."""
+    """Run directory: logs, TensorBoard events, the resolved config, training checkpoints (``checkpoints/``)
+    and the final HF model (``final/``). Without ``resume`` it must not already hold a run: nothing of an
+    earlier run is overwritten."""
     save_final: bool = True
+    every: int = 0
+    """Save a training checkpoint (DeepSpeed: weights, optimizer, LR schedule; plus step, data position and
+    random state) every this many steps and at the end; 0: none."""
+    keep: int = 2
+    """Training checkpoints kept; older ones are deleted once a newer one is complete."""
+    resume: bool = False
+    """Continue the run in ``dir`` from its newest complete training checkpoint (same config, same layout)."""
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be 0 (off) or a number of steps, got {self.every}")
+        _positive("checkpoint.keep", self.keep)
 
 
 @dataclass

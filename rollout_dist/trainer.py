@@ -247,10 +247,20 @@ class Trainer:
         self.step = 0
 
     # ----------------------------------------------------------------------------------------------- set-up
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
     def _check_run_dir(self) -> None:
+        if self.cfg.checkpoint.resume:
+            if not (self.checkpoint_dir / "latest").is_file():
+                raise ConfigError(f"checkpoint.resume=true but checkpoint.dir={str(self.run_dir)!r} holds no "
+                                  "training checkpoint (checkpoints/latest); start it with checkpoint.every=N")
+            return
         if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
             raise ConfigError(f"checkpoint.dir={str(self.run_dir)!r} already holds an earlier run; nothing is "
-                              "overwritten: choose a new checkpoint.dir or move that run away")
+                              "overwritten: choose a new checkpoint.dir, move that run away, or continue it "
+                              "with checkpoint.resume=true")
 
     def setup(self) -> None:
         """Process group, run directory, DeepSpeed engine; called by ``fit``."""
@@ -274,7 +284,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._add_file_log()
-            if self.resolved_config is not None:
+            if self.resolved_config is not None and not self.cfg.checkpoint.resume:
                 (self.run_dir / "config.yaml").write_text(self.resolved_config)
         torch.distributed.barrier()
         if self.layout.dp > 1 and self.cfg.data.balance:
@@ -290,6 +300,9 @@ class Trainer:
         # DeepSpeed's schedulers start at iteration -1, i.e. lr 0, so the first step would not learn; place them
         # at iteration 0 (engine.step() advances them after every optimizer step)
         self.engine.lr_scheduler.step(0)
+        self.history: list[StepStats] = []
+        if self.cfg.checkpoint.resume:
+            self._load_checkpoint()
         r = self.data_report
         log.info("model: %s, %.2fM parameters, %s on %s; rollout: %s, chunk_size %d",
                  type(self.model).__name__, sum(p.numel() for p in self.model.parameters()) / 1e6,
@@ -371,9 +384,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- loop
     def fit(self) -> list[StepStats]:
         self.setup()
-        history: list[StepStats] = []
-        bar = tqdm(total=self.cfg.trainer.max_steps, desc="train", unit="step", disable=self.rank != 0,
-                   dynamic_ncols=True, file=sys.stderr)
+        history = self.history
+        every = self.cfg.checkpoint.every
+        bar = tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=self.rank != 0, dynamic_ncols=True, file=sys.stderr)
         while self.step < self.cfg.trainer.max_steps:
             stats = self.train_step()
             history.append(stats)
@@ -386,9 +400,41 @@ class Trainer:
                           + (f"  grad_norm {stats.grad_norm:.3g}" if stats.grad_norm is not None else ""))
                 log.debug("step %s", asdict(stats))
             self._tensorboard(stats)
+            if every and (self.step % every == 0 or self.step == self.cfg.trainer.max_steps):
+                self._save_checkpoint()
         bar.close()
         self._finish(history)
         return history
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self) -> None:
+        """A DeepSpeed checkpoint of every rank (weights, optimizer, LR schedule) plus what the loop needs:
+        step, data position, random state, history.  DeepSpeed points ``latest`` at it only once it is written,
+        so a crash while saving leaves the previous checkpoint as the one to resume from."""
+        tag = f"step{self.step:08d}"
+        state = {"step": self.step, "order": self.order.state_dict(), "cpu_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                 "history": [asdict(s) for s in self.history]}
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=state)
+        torch.distributed.barrier()
+        if self.rank == 0:
+            import shutil
+            tags = sorted(p for p in self.checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+            for old in tags[:-self.cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("saved training checkpoint %s", self.checkpoint_dir / tag)
+
+    def _load_checkpoint(self) -> None:
+        path, state = self.engine.load_checkpoint(str(self.checkpoint_dir))
+        if path is None or state is None:
+            raise ConfigError(f"could not load the training checkpoint in {self.checkpoint_dir}")
+        self.step = int(state["step"])
+        self.order.load_state_dict(state["order"])
+        torch.set_rng_state(state["cpu_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.history = [StepStats(**h) for h in state.get("history", [])]
+        log.info("resumed from %s at step %d", path, self.step)
 
     def _tensorboard(self, s: StepStats) -> None:
         monitor = getattr(self.engine, "monitor", None)

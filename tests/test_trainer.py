@@ -13,7 +13,8 @@ from rollout_dist.trainer import Trainer
 from tests.helpers import grads_of, worst_rel_error
 
 
-def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk=7, texts=None, **trainer_kw):
+def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk=7, texts=None, checkpoint_every=0,
+                 resume=False, **trainer_kw):
     data_dir = tmp_path / "docs"
     data_dir.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(texts or ["The first document, somewhat longer than the second one is.",
@@ -24,9 +25,9 @@ def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk
                           num_kv_heads=2),
         data=DataConfig(path=str(data_dir), shuffle=False),
         rollout=RolloutConfig(chunk_size=chunk),
-        trainer=TrainerConfig(max_steps=2, grad_accum=grad_accum, zero_stage=zero_stage, device="cpu",
+        trainer=TrainerConfig(max_steps=trainer_kw.pop("max_steps", 2), grad_accum=grad_accum, zero_stage=zero_stage, device="cpu",
                               warmup_steps=0, tensorboard=False, **trainer_kw),
-        checkpoint=CheckpointConfig(dir=str(tmp_path / "run")))
+        checkpoint=CheckpointConfig(dir=str(tmp_path / "run"), every=checkpoint_every, resume=resume))
     return Trainer(cfg)
 
 
@@ -113,3 +114,28 @@ def test_existing_run_directory_is_refused_untouched(tmp_path):
     with pytest.raises(ConfigError, match="already holds an earlier run"):
         make_trainer(tmp_path)
     assert (run / "train.log").read_text() == "earlier run"
+
+
+def test_resume_from_a_training_checkpoint_continues_the_same_run(tmp_path):
+    """4 steps straight == 2 steps, a checkpoint, a new process resuming to step 4 (weights, losses, data order)."""
+    straight = make_trainer(tmp_path / "a", grad_accum=1, max_steps=4)
+    straight_hist = straight.fit()
+    first = make_trainer(tmp_path / "b", grad_accum=1, max_steps=4, checkpoint_every=2)
+    first.setup()  # the same run, "killed" after its checkpoint at step 2
+    for _ in range(2):
+        first.history.append(first.train_step())
+    first._save_checkpoint()
+    assert (tmp_path / "b" / "run" / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    resumed = make_trainer(tmp_path / "b", grad_accum=1, max_steps=4, checkpoint_every=2, resume=True)
+    hist = resumed.fit()
+    assert [s.step for s in hist] == [1, 2, 3, 4]
+    assert [s.loss for s in hist] == pytest.approx([s.loss for s in straight_hist], rel=1e-6)
+    for (name, p), (_, q) in zip(straight.engine.module.named_parameters(), resumed.engine.module.named_parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), name
+    kept = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step00000002", "step00000004"]
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="holds no training checkpoint"):
+        make_trainer(tmp_path, resume=True)
