@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from rollout_dist.planning.config import PlannerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float64")
-ATTENTION_KERNELS = ("auto", "sdpa", "cudnn", "flash")  # rollout_dist.model.attention.KERNELS
+ATTENTION_KERNELS = ("auto", "sdpa", "cudnn", "flash", "math")  # rollout_dist.model.attention.KERNELS
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -108,7 +108,11 @@ class RolloutConfig:
     """Tokens per chunk. Activation memory scales with it; the K/V of the whole document are kept."""
     attention: str = "auto"
     """Chunk-attention kernel: auto (cuDNN fused attention on CUDA in bf16/fp16, PyTorch SDPA elsewhere), sdpa,
-    cudnn or flash (FA2). Dropout and sliding windows always use sdpa."""
+    cudnn, flash (FA2) or math (plain torch, a reference). Dropout and sliding windows always use sdpa."""
+    keep_attention: bool = False
+    """Keep every layer's attention output of the fill pass (2 x hidden bytes per token per layer, plus the
+    log-sum-exp) so the backward pass does not compute attention forward again: faster, more memory. Applies
+    with the split kernels (auto/cudnn/flash/math)."""
 
     def __post_init__(self):
         _positive("rollout.chunk_size", self.chunk_size, "it is the number of tokens per chunk, e.g. 1024")

@@ -240,7 +240,8 @@ class Trainer:
             max_doc_tokens=0 if cfg.data.chunk_index else cfg.data.max_doc_tokens,
             invalid_utf8=cfg.data.invalid_utf8,
             progress=os.environ.get("RANK", "0") == "0")
-        self.rollout = ExactRollout(cfg.rollout.chunk_size, attention=cfg.rollout.attention)
+        self.rollout = ExactRollout(cfg.rollout.chunk_size, attention=cfg.rollout.attention,
+                                    keep_attention=cfg.rollout.keep_attention)
         self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)
                               if cfg.data.chunk_index else None)
         self.engine = None
@@ -278,7 +279,8 @@ class Trainer:
                 for p in self.model.parameters():
                     p.model_parallel = True  # unique to this stage: DeepSpeed sums its grad norm over stages
                 self.rollout = PipelineRollout(self.cfg.rollout.chunk_size, self.layout,
-                                               attention=self.cfg.rollout.attention)
+                                               attention=self.cfg.rollout.attention,
+                                               keep_attention=self.cfg.rollout.keep_attention)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.rank == 0:

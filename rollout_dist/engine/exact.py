@@ -93,17 +93,20 @@ class ExactRollout:
     """Runs the exact chunk-wise forward/backward of a Llama-family HF model.
 
     ``attention`` picks the chunk-attention kernel (rollout_dist.model.attention.attention_kernel): ``auto`` uses
-    cuDNN's fused attention on CUDA in fp16/bf16 and PyTorch SDPA elsewhere.
+    cuDNN's fused attention on CUDA in fp16/bf16 and PyTorch SDPA elsewhere.  ``keep_attention`` keeps the
+    fill pass's attention outputs so the backward pass skips the attention forward (more memory).
     ``verify_recompute`` records, per recomputed chunk and layer, the largest difference between the recomputed
     K/V and those stored by the first forward (they must be bit-identical, dropout included).
     """
 
-    def __init__(self, chunk_size: int, verify_recompute: bool = False, attention: str = "auto"):
+    def __init__(self, chunk_size: int, verify_recompute: bool = False, attention: str = "auto",
+                 keep_attention: bool = False):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if attention not in KERNELS:
             raise ValueError(f"attention={attention!r} is not one of {KERNELS}")
         self.attention = attention
+        self.keep_attention = keep_attention
         self.chunk_size = chunk_size
         self.verify_recompute = verify_recompute
         self.last_state: KVState | None = None
@@ -150,6 +153,7 @@ class ExactRollout:
 
         state = adapter.new_state(batch, length)
         state.verify_recompute = self.verify_recompute
+        state.keep_attention = self.keep_attention
         rng = []
         with adapter.chunk_attention(self.attention):
             with torch.no_grad():
@@ -175,12 +179,13 @@ class ExactRollout:
 def chunked_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_size: int,
                              labels: torch.Tensor | None = None, loss_normalizer: float | None = None,
                              backward: BackwardFn | None = None, attention: str = "auto",
-                             segment_ids: torch.Tensor | None = None) -> RolloutResult:
+                             segment_ids: torch.Tensor | None = None, keep_attention: bool = False,
+                             ) -> RolloutResult:
     """Exact chunk-wise forward and backward of ``model`` on ``input_ids`` (B, T); see ``ExactRollout.run``.
 
     Returns ``.loss`` (HF's mean token cross-entropy, labels shifted inside, -100 ignored; ``labels=None`` means
     ``labels=input_ids``) and ``.num_tokens``; every parameter's ``.grad`` accumulates the gradient of that loss.
     """
-    return ExactRollout(chunk_size, attention=attention).run(model, input_ids, labels,
+    return ExactRollout(chunk_size, attention=attention, keep_attention=keep_attention).run(model, input_ids, labels,
                                                              loss_normalizer=loss_normalizer, backward=backward,
                                                              segment_ids=segment_ids)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .attention import ATTN_NAME, SegmentMask, attention_kernel
+from .attention import ATTN_NAME, ChunkContext, SegmentMask, attention_kernel
 from .kv_state import KVState
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -96,8 +96,9 @@ class CausalLMAdapter:
         if positions is None:
             positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)[None]
         rope = self.decoder.rotary_emb(hidden, positions)
+        context = ChunkContext(state=state, segments=segments)
         for layer in self.layers:
-            out = layer(hidden, attention_mask=segments, position_ids=positions, past_key_values=state,
+            out = layer(hidden, attention_mask=context, position_ids=positions, past_key_values=state,
                         use_cache=True, position_embeddings=rope)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
-from .split_attention import BACKENDS, split_chunk_attention
+from .split_attention import BACKENDS, split_chunk_attention, split_forward
 
 ATTN_NAME = "rollout_chunk"
 KERNELS = ("auto", "sdpa") + BACKENDS
@@ -28,7 +28,8 @@ _KERNEL: ContextVar[str] = ContextVar("rollout_attention_kernel", default="sdpa"
 def attention_kernel(name: str):
     """Selects the chunk-attention kernel for a rollout: ``sdpa`` (PyTorch SDPA with a lower-right causal bias;
     any device and dtype), ``cudnn`` or ``flash`` (split prefix/diagonal kernels merged by log-sum-exp; CUDA,
-    fp16/bf16, no dropout, no sliding window: other cases use sdpa), or ``auto`` (cudnn where it applies)."""
+    fp16/bf16, no dropout, no sliding window: other cases use sdpa), ``math`` (the same split in plain torch,
+    any device: a reference for tests), or ``auto`` (cudnn where it applies)."""
     if name not in KERNELS:
         raise ValueError(f"unknown attention kernel {name!r}; choose one of {KERNELS}")
     token = _KERNEL.set(name)
@@ -56,26 +57,53 @@ class SegmentMask:
     key: torch.Tensor
 
 
+@dataclass(frozen=True)
+class ChunkContext:
+    """What the adapter hands the attention through the layers' ``attention_mask`` argument (HF passes it on
+    untouched): the carried state (phase, chunk start, stored attention outputs) and packed-document segments."""
+
+    state: object = None
+    segments: SegmentMask | None = None
+
+
+def _split_applies(kernel: str, query, windowed: bool, dropout: float) -> bool:
+    if windowed or dropout != 0.0 or kernel == "sdpa":
+        return False
+    return kernel == "math" or (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16))
+
+
 def chunk_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0,
                             scaling: float | None = None, sliding_window: int | None = None, **kwargs):
     """HF attention-interface function: (B, Hq, q, D) x (B, Hkv, kv, D) -> (B, q, Hq, D), weights None.
 
-    ``attention_mask`` is None or a ``SegmentMask`` (packed documents), never an HF padding mask."""
-    if attention_mask is not None and not isinstance(attention_mask, SegmentMask):
+    ``attention_mask`` is None or a ``ChunkContext``, never an HF padding mask."""
+    if attention_mask is not None and not isinstance(attention_mask, ChunkContext):
         raise ValueError("rollout chunk attention builds its own causal mask; padding masks are not supported "
                          "(mark ignored positions with label -100 instead)")
+    context = attention_mask or ChunkContext()
     q_len, kv_len = query.shape[2], key.shape[2]
     kernel = _KERNEL.get()
     windowed = sliding_window is not None and sliding_window < kv_len
-    if isinstance(attention_mask, SegmentMask):
+    if context.segments is not None:
         allowed = chunk_mask(q_len, kv_len, sliding_window if windowed else None, query.device)[None]
-        allowed = allowed & (attention_mask.query[:, :, None] == attention_mask.key[:, None, :])
+        allowed = allowed & (context.segments.query[:, :, None] == context.segments.key[:, None, :])
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], dropout_p=dropout,
                                              scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).contiguous(), None
-    if (kernel != "sdpa" and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not windowed
-            and dropout == 0.0):
-        out = split_chunk_attention(query, key, value, scaling, "cudnn" if kernel == "auto" else kernel)
+    if _split_applies(kernel, query, windowed, dropout):
+        backend = "cudnn" if kernel == "auto" else kernel
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        state = context.state
+        if state is not None and getattr(state, "keep_attention", False):
+            layer = module.layer_idx - state.layer_offset
+            if state.phase == "fill":  # no autograd here: keep the output for the backward pass
+                out, lse, parts = split_forward(query, key, value, scale, backend)
+                state.attention_cache[(layer, state.start)] = (out, lse, parts)
+                return out.transpose(1, 2).contiguous(), None
+            cached = state.attention_cache.pop((layer, state.start), None)
+            out = split_chunk_attention(query, key, value, scale, backend, cached)
+        else:
+            out = split_chunk_attention(query, key, value, scale, backend)
         return out.transpose(1, 2).contiguous(), None
     gqa = query.shape[1] != key.shape[1]
     if windowed:

@@ -57,6 +57,10 @@ class KVState:
     phase: str = "fill"
     filled: int = 0  # positions [0, filled) hold K/V written by the fill phase
     layer_offset: int = 0  # global index of this state's first layer (a pipeline stage holds a slice)
+    keep_attention: bool = False
+    # (layer, chunk start) -> (attention output, log-sum-exp, kernel parts) kept by the fill pass, consumed
+    # (popped) by that chunk's recompute when ``keep_attention`` is on
+    attention_cache: dict = field(default_factory=dict)
     # filled when ``verify_recompute`` is on: max |recomputed - stored| over layers, per chunk (debug aid)
     verify_recompute: bool = False
     recompute_mismatch: list[float] = field(default_factory=list)
@@ -71,7 +75,9 @@ class KVState:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.dkeys, *self.dvalues))
+        kept = sum(t.numel() * t.element_size() for out, lse, _ in self.attention_cache.values() for t in (out, lse))
+        return kept + sum(t.numel() * t.element_size()
+                          for t in (*self.keys, *self.values, *self.dkeys, *self.dvalues))
 
     def allocate_grads(self) -> None:
         self.dkeys = [torch.zeros_like(k) for k in self.keys]

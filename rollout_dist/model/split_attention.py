@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 aten = torch.ops.aten
-BACKENDS = ("cudnn", "flash")
+BACKENDS = ("cudnn", "flash", "math")
 # cuDNN refuses some tiny problems (s_q = s_kv = 1, seen on H200); parts shorter than this go to FA2
 _CUDNN_MIN_LEN = 16
 # backends found to refuse grouped K/V heads (fewer K/V heads than query heads); they get expanded heads
-_NEEDS_EXPANDED_KV: set[str] = set()
+_NEEDS_EXPANDED_KV: set[str] = {"math"}
 
 
 def _expand(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -58,7 +58,39 @@ def _backward(backend: str, dout, q, k, v, out, lse, rest, causal: bool, scale: 
     return gq, _reduce(gk, groups), _reduce(gv, groups)
 
 
+def _math_scores(q, k, causal: bool, scale: float):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    if causal:  # square block: lower-right and upper-left alignment coincide
+        n = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return scores, acc
+
+
+def _math_forward(q, k, v, causal: bool, scale: float):
+    """Reference kernel (any device and dtype): output and log-sum-exp, as the fused kernels return them."""
+    scores, acc = _math_scores(q, k, causal, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = (torch.exp(scores - lse[..., None]) @ v.to(acc)).to(q.dtype)
+    return out, lse, None
+
+
+def _math_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """Flash-style backward from a given output and log-sum-exp (which may be those of a larger key set)."""
+    scores, acc = _math_scores(q, k, causal, scale)
+    p = torch.exp(scores - lse.to(acc).reshape(scores.shape[:-1])[..., None])
+    dout_, out_ = dout.to(acc), out.to(acc)
+    dv = p.transpose(-1, -2) @ dout_
+    dp = dout_ @ v.to(acc).transpose(-1, -2)
+    ds = p * (dp - (dout_ * out_).sum(-1, keepdim=True))
+    dq = (ds @ k.to(acc)) * scale
+    dk = (ds.transpose(-1, -2) @ q.to(acc)) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def _forward_kernel(backend: str, q, k, v, causal: bool, scale: float):
+    if backend == "math":
+        return _math_forward(q, k, v, causal, scale)
     if backend == "cudnn":
         # cuDNN's fused attention gave wrong results on the (B, S, H, D)-strided views the model hands over
         # (H200, torch 2.11); contiguous (B, H, S, D) copies are transient and cheap next to the attention itself
@@ -72,6 +104,8 @@ def _forward_kernel(backend: str, q, k, v, causal: bool, scale: float):
 
 
 def _backward_kernel(backend: str, dout, q, k, v, out, lse, rest, causal: bool, scale: float):
+    if backend == "math":
+        return _math_backward(dout, q, k, v, out, lse, causal, scale)
     cum_q, cum_k, max_q, max_k, seed, offset = rest
     if backend == "cudnn":
         q, k, v, out, dout = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous()
@@ -82,30 +116,39 @@ def _backward_kernel(backend: str, dout, q, k, v, out, lse, rest, causal: bool, 
 
 
 def _merge(out1, lse1, out2, lse2):
-    """Softmax-weighted merge of two partial attentions over disjoint key sets (fp32 arithmetic)."""
-    l1, l2 = lse1.float(), lse2.float()
+    """Softmax-weighted merge of two partial attentions over disjoint key sets (fp32 arithmetic, fp64 for fp64)."""
+    acc = torch.float64 if out1.dtype == torch.float64 else torch.float32
+    l1, l2 = lse1.to(acc), lse2.to(acc)
     shape = l1.shape + (1,) * (out1.dim() - l1.dim())
     lse = torch.logaddexp(l1, l2)
     w1 = torch.exp(l1 - lse).reshape(shape)
     w2 = torch.exp(l2 - lse).reshape(shape)
-    out = (out1.float() * w1 + out2.float() * w2).to(out1.dtype)
+    out = (out1.to(acc) * w1 + out2.to(acc) * w2).to(out1.dtype)
     return out, lse.to(lse1.dtype)
 
 
+def split_forward(q, k, v, scale: float, backend: str):
+    """(out, lse, parts) of lower-right causal attention: the prefix and the diagonal block, merged; ``parts``
+    holds what each part's backward kernel needs."""
+    c, e = q.shape[2], k.shape[2]
+    s = e - c
+    own = _forward(backend, q, k[:, :, s:], v[:, :, s:], True, scale)
+    if s == 0:
+        return own[0], own[1], [(s, e, True, own[2])]
+    pre = _forward(backend, q, k[:, :, :s], v[:, :, :s], False, scale)
+    out, lse = _merge(pre[0], pre[1], own[0], own[1])
+    return out, lse, [(0, s, False, pre[2]), (s, e, True, own[2])]
+
+
 class SplitChunkAttention(torch.autograd.Function):
-    """q (B, Hq, c, D) against k, v (B, Hkv, e, D), the last c keys being the chunk's own (lower-right causal)."""
+    """q (B, Hq, c, D) against k, v (B, Hkv, e, D), the last c keys being the chunk's own (lower-right causal).
+
+    ``cached``: (out, lse, parts) that ``split_forward`` returned for these very q, k, v (kept from the fill pass),
+    so the forward kernels are not run again; backward is the same either way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, backend: str):
-        c, e = q.shape[2], k.shape[2]
-        s = e - c
-        own = _forward(backend, q, k[:, :, s:], v[:, :, s:], True, scale)
-        if s == 0:
-            out, lse, parts = own[0], own[1], [(s, e, True, own[2])]
-        else:
-            pre = _forward(backend, q, k[:, :, :s], v[:, :, :s], False, scale)
-            out, lse = _merge(pre[0], pre[1], own[0], own[1])
-            parts = [(0, s, False, pre[2]), (s, e, True, own[2])]
+    def forward(ctx, q, k, v, scale: float, backend: str, cached=None):
+        out, lse, parts = split_forward(q, k, v, scale, backend) if cached is None else cached
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.parts, ctx.scale, ctx.backend = parts, scale, backend
         return out
@@ -124,13 +167,13 @@ class SplitChunkAttention(torch.autograd.Function):
             dvs.append(gv)
         dk = dks[0] if len(dks) == 1 else torch.cat(dks, dim=2)
         dv = dvs[0] if len(dvs) == 1 else torch.cat(dvs, dim=2)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
-def split_chunk_attention(q, k, v, scale: float | None, backend: str) -> torch.Tensor:
+def split_chunk_attention(q, k, v, scale: float | None, backend: str, cached=None) -> torch.Tensor:
     """(B, Hq, c, D) output of lower-right causal attention of q over k, v.  Grouped K/V heads are passed as
     they are; a kernel that refuses them is remembered and gets transiently expanded heads from then on."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown split-attention backend {backend!r}; choose one of {BACKENDS}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return SplitChunkAttention.apply(q, k, v, scale, backend)
+    return SplitChunkAttention.apply(q, k, v, scale, backend, cached)

@@ -26,12 +26,13 @@ from .p2p import P2P
 class PipelineRollout:
     """One stage's part of the exact rollout.  ``run`` returns the loss sum on the last stage, 0 elsewhere."""
 
-    def __init__(self, chunk_size: int, layout: RankLayout, attention: str = "auto"):
+    def __init__(self, chunk_size: int, layout: RankLayout, attention: str = "auto", keep_attention: bool = False):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if attention not in KERNELS:
             raise ValueError(f"attention={attention!r} is not one of {KERNELS}")
         self.chunk_size, self.layout, self.attention = chunk_size, layout, attention
+        self.keep_attention = keep_attention
 
     def spans(self, length: int) -> list[tuple[int, int]]:
         return fixed_spans(length, self.chunk_size)
@@ -50,6 +51,7 @@ class PipelineRollout:
         batch, length = input_ids.shape
         spans = self.spans(length) if spans is None else check_spans(spans, length)
         state = adapter.new_state(batch, length)
+        state.keep_attention = self.keep_attention
         p2p = P2P()
 
         def hidden_shape(s, e):
