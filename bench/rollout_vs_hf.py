@@ -74,8 +74,8 @@ def hf_step(model, opt, ids, chunk):
     return out.loss.item()
 
 
-def ours_step(model, opt, ids, chunk, attention="auto"):
-    loss = chunked_forward_backward(model, ids, chunk_size=chunk, attention=attention).loss
+def ours_step(model, opt, ids, chunk, attention="auto", keep=False):
+    loss = chunked_forward_backward(model, ids, chunk_size=chunk, attention=attention, keep_attention=keep).loss
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
@@ -161,7 +161,8 @@ def main():
     ap.add_argument("--ours", type=int, nargs="*", default=[131072, 262144], help="lengths for rollout_dist")
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--variants", nargs="*", default=["auto:4096"],
-                    help="rollout_dist variants as ATTENTION:CHUNK (attention: auto, cudnn, flash, sdpa)")
+                    help="rollout_dist variants as ATTENTION[+keep]:CHUNK (attention: auto, cudnn, flash, sdpa; "
+                         "+keep: rollout.keep_attention)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per length (after one warm-up step)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later lengths are skipped after it")
     ap.add_argument("--probe", type=int, nargs="*", default=[],
@@ -176,7 +177,9 @@ def main():
     runs = [("hf_fullseq", hf_step, args.hf, None)]
     for variant in args.variants:
         attention, chunk = variant.split(":")
-        runs.append((f"rollout_dist[{attention}]", partial(ours_step, attention=attention), args.ours, int(chunk)))
+        attention, keep = attention.removesuffix("+keep"), attention.endswith("+keep")
+        runs.append((f"rollout_dist[{attention}{'+keep' if keep else ''}]",
+                     partial(ours_step, attention=attention, keep=keep), args.ours, int(chunk)))
     for system, step, lengths, chunk in runs:
         probes = args.probe if system.startswith("rollout_dist") else []
         if not lengths and not probes:
