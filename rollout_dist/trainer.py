@@ -3,7 +3,7 @@
 Every input is checked before anything is written: the run directory is created only once the model and the
 documents have loaded, and it must not already hold a run.  One optimizer step = ``trainer.grad_accum``
 documents per rank, each run through the exact chunk rollout; the loss of the step is normalised by the target
-tokens of the whole window (``Window``), so accumulating k documents equals one batch of those k documents.
+tokens of the whole window (of all replicas), so accumulating k documents equals one batch of those k documents.
 """
 from __future__ import annotations
 
@@ -19,185 +19,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, ModelConfig, TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import Document, DocumentOrder, load_documents
+from .ds_config import deepspeed_config
 from .engine import ExactRollout
 from .model import stage_layer_counts, stage_state_dict, trim_to_stage
+from .model.build import build_model
 from .parallel import PipelineRollout, RankLayout
-from .tokenizer import byte_tokenizer
+from .parallel.launch import init_distributed, resolve_device
+from .planning.spans import load_planned_spans
 
 log = logging.getLogger("rollout_dist")
-
-# warm-up starts at this fraction of trainer.lr (DeepSpeed's schedulers start at their minimum on step 0)
-_WARMUP_START = 0.1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank())
-
-
-def local_rank() -> int:
-    """This process's index on its node, from the deepspeed/torchrun launcher or Open MPI."""
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
-
-
-_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-
-
-def build_model(cfg: ModelConfig, device: torch.device):
-    """(model, tokenizer): from ``cfg.path`` (local HF directory) or built from the shape in ``cfg``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, \
-        MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    dtype = _DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if cfg.path is not None:
-        path = Path(os.path.expanduser(cfg.path))
-        if not path.is_dir():
-            raise ConfigError(f"model.path={cfg.path!r}: no such directory; give a local HF model directory "
-                              "(one written by save_pretrained, with config.json and weights)")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path={cfg.path!r} holds no config.json, so it is not an HF model directory")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as err:  # transformers raises several types here
-            raise ConfigError(f"model.path={cfg.path!r}: could not load its tokenizer ({err}); save the "
-                              "tokenizer next to the weights with tokenizer.save_pretrained") from None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    else:
-        families = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                    "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
-        config_cls, model_cls = families[cfg.family]
-        tokenizer = byte_tokenizer()
-        if cfg.vocab_size < len(tokenizer):
-            raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the built-in byte tokenizer's "
-                              f"{len(tokenizer)} tokens")
-        extra = {"sliding_window": None} if cfg.family == "mistral" else {}
-        hf_config = config_cls(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-            tie_word_embeddings=cfg.tie_word_embeddings, attention_dropout=cfg.attention_dropout,
-            eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
-            attn_implementation="sdpa", **extra)
-        model = model_cls(hf_config)
-    model.config.use_cache = False
-    return model.to(device=device, dtype=dtype), tokenizer
-
-
-def _doc_key(doc_id: str) -> str:
-    """A document id made independent of how data.path was written: absolute file path [+ ':line']."""
-    path, sep, line = doc_id.rpartition(":")
-    if sep and path.endswith(".jsonl") and line.isdigit():
-        return f"{os.path.abspath(path)}:{line}"
-    return os.path.abspath(doc_id)
-
-
-def load_planned_spans(store: str, docs: list[Document], tokenizer) -> dict[str, list[tuple[int, int]]]:
-    """Planned chunk boundaries of every training document, from a chunk index, checked against the data."""
-    from .planning.index import ChunkIndex, ChunkIndexError
-    from .planning.tokens import tokenizer_fingerprint
-
-    try:
-        index = ChunkIndex.open(store)
-    except (ChunkIndexError, FileNotFoundError) as err:
-        raise ConfigError(f"data.chunk_index={store!r}: {err}") from None
-    if index.attrs.get("mode") != "exact":
-        raise ConfigError(f"data.chunk_index={store!r} was planned for {index.attrs.get('mode')} mode (with "
-                          "overlaps); re-plan with --mode exact for rollout.mode=exact")
-    if index.attrs["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
-        raise ConfigError(f"data.chunk_index={store!r} was planned with another tokenizer "
-                          f"({index.attrs['tokenizer']['name']}); re-plan with this model's tokenizer")
-    changed = index.verify_sources()
-    if changed:
-        raise ConfigError(f"data.chunk_index={store!r}: source files changed since planning: {changed[:3]}; re-plan")
-    planned = {}
-    for entry in index.documents:
-        # the index names the source file absolutely; a JSONL document adds its line to the id
-        _, sep, line = entry.doc_id.rpartition(":")
-        key = _doc_key(entry.source + (f":{line}" if sep and line.isdigit() else ""))
-        planned[key] = [(c.token_start, c.token_end) for c in index.chunks_of(entry.index)]
-    spans = {}
-    for doc in docs:
-        key = _doc_key(doc.id)
-        if key not in planned:
-            raise ConfigError(f"data.chunk_index={store!r} has no plan for {doc.id}; plan the same data.path")
-        if planned[key][-1][1] != len(doc.input_ids):
-            raise ConfigError(f"data.chunk_index={store!r}: {doc.id} has {len(doc.input_ids)} tokens but was "
-                              f"planned with {planned[key][-1][1]}; re-plan")
-        spans[doc.id] = planned[key]
-    log.info("chunk plan: %s (version %d), %d chunks for %d documents", store, index.version,
-             sum(len(v) for v in spans.values()), len(spans))
-    return spans
-
-
-def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device: torch.device) -> dict:
-    """The DeepSpeed config for this run: optimizer, precision, clipping, ZeRO stage, LR schedule, TensorBoard."""
-    t = cfg.trainer
-    # DeepSpeed's schedulers need >= 1 warm-up step and start it at their minimum: no warm-up = start at lr
-    warmup = max(1, t.warmup_steps)
-    start = _WARMUP_START if t.warmup_steps else 1.0
-    if t.schedule == "cosine":
-        scheduler = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
-            "warmup_min_ratio": start, "cos_min_ratio": t.min_lr / t.lr}}
-    elif t.schedule == "linear":
-        scheduler = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": t.max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
-            "warmup_min_lr": start * t.lr, "warmup_max_lr": t.lr}}
-    else:
-        scheduler = {"type": "WarmupLR", "params": {
-            "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": start * t.lr,
-            "warmup_max_lr": t.lr}}
-    ds = {
-        # the rollout marks accumulation boundaries itself (set_gradient_accumulation_boundary), so DeepSpeed
-        # sees one micro-batch per step and never rescales the loss
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-            "torch_adam": device.type != "cuda"}},
-        "scheduler": scheduler,
-        "steps_per_print": 1 << 30,
-        "tensorboard": {"enabled": t.tensorboard, "output_path": str(run_dir / "tensorboard"),
-                        "job_name": "train"},
-    }
-    if dtype == torch.bfloat16:
-        ds["bf16"] = {"enabled": True}
-        if t.zero_stage >= 1:
-            # fp32 master weights, and chunk gradients add up in fp32 rather than bf16 (DeepSpeed offers
-            # this mix with ZeRO >= 1 only; stage 0 keeps bf16 gradients, as HF does)
-            ds["data_types"] = {"grad_accum_dtype": "fp32"}
-    return ds
-
-
-def init_distributed(device: torch.device) -> None:
-    """Joins the process group that ``deepspeed``/``torchrun`` set up (RANK etc. in the environment), discovers
-    ranks through mpi4py under ``deepspeed --launcher openmpi``/``mpirun``, or makes a one-process group."""
-    import deepspeed
-
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if "RANK" not in os.environ and any(v in os.environ for v in _MPI_RANK_VARS):
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True)
-        return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
 
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
@@ -297,6 +129,9 @@ class Trainer:
             self.order = DocumentOrder(len(self.docs), seed=self.cfg.trainer.seed, rank=self.layout.dp_rank,
                                        world=self.layout.dp, shuffle=self.cfg.data.shuffle)
         ds_config = deepspeed_config(self.cfg, self.model.dtype, self.run_dir, self.device)
+        if self.model.dtype == torch.bfloat16 and self.cfg.trainer.zero_stage == 0:
+            log.warning("bf16 with trainer.zero_stage=0: DeepSpeed keeps bf16 weights and adds the gradients of "
+                        "all chunks in bf16; trainer.zero_stage=1 keeps fp32 master weights and gradients")
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
                                                     config=ds_config, mpu=self.layout if par.pp > 1 else None)
         # DeepSpeed's schedulers start at iteration -1, i.e. lr 0, so the first step would not learn; place them

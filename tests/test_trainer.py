@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from rollout_dist import chunked_forward_backward
 from rollout_dist.config import (CheckpointConfig, ConfigError, DataConfig, ModelConfig, RolloutConfig,
                                  TrainConfig, TrainerConfig)
-from rollout_dist.data import Document
 from rollout_dist.trainer import Trainer
 from tests.helpers import grads_of, worst_rel_error
 
@@ -25,7 +24,8 @@ def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk
                           num_kv_heads=2),
         data=DataConfig(path=str(data_dir), shuffle=False),
         rollout=RolloutConfig(chunk_size=chunk),
-        trainer=TrainerConfig(max_steps=trainer_kw.pop("max_steps", 2), grad_accum=grad_accum, zero_stage=zero_stage, device="cpu",
+        trainer=TrainerConfig(max_steps=trainer_kw.pop("max_steps", 2), grad_accum=grad_accum,
+                              zero_stage=zero_stage, device="cpu",
                               warmup_steps=0, tensorboard=False, **trainer_kw),
         checkpoint=CheckpointConfig(dir=str(tmp_path / "run"), every=checkpoint_every, resume=resume))
     return Trainer(cfg)

@@ -130,7 +130,7 @@ class ExactRollout:
         validate_inputs(input_ids, labels, self.chunk_size, adapter.vocab_size)
         input_ids = input_ids.to(adapter.device)
         targets = shift_targets(input_ids if labels is None else labels.to(adapter.device))
-        positions = segments = None
+        positions = None
         if segment_ids is not None:
             validate_segments(segment_ids, input_ids)
             segment_ids = segment_ids.to(adapter.device)

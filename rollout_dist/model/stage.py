@@ -75,7 +75,7 @@ def stage_layer_counts(model: torch.nn.Module, num_stages: int, explicit: list[i
         return list(explicit)
     attention = float(model.config.hidden_size) * tokens
     weights = [float(sum(p.numel() for p in layer.parameters())) + attention for layer in layers]
-    head = float(sum(p.numel() for p in model.lm_head.parameters()) + sum(p.numel() for p in model.model.norm.parameters()))
+    head = float(sum(p.numel() for m in (model.lm_head, model.model.norm) for p in m.parameters()))
     return partition_layers(weights, head, num_stages)
 
 

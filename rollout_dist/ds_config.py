@@ -1,0 +1,53 @@
+"""The DeepSpeed config of a run, from ``trainer.*``: optimizer, precision, clipping, ZeRO, LR schedule, TensorBoard."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+# warm-up starts at this fraction of trainer.lr (DeepSpeed's schedulers start at their minimum on step 0)
+_WARMUP_START = 0.1
+
+
+def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device: torch.device) -> dict:
+    """The DeepSpeed config for this run: optimizer, precision, clipping, ZeRO stage, LR schedule, TensorBoard."""
+    t = cfg.trainer
+    # DeepSpeed's schedulers need >= 1 warm-up step and start it at their minimum: no warm-up = start at lr
+    warmup = max(1, t.warmup_steps)
+    start = _WARMUP_START if t.warmup_steps else 1.0
+    if t.schedule == "cosine":
+        scheduler = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": t.max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_ratio": start, "cos_min_ratio": t.min_lr / t.lr}}
+    elif t.schedule == "linear":
+        scheduler = {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": t.max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_lr": start * t.lr, "warmup_max_lr": t.lr}}
+    else:
+        scheduler = {"type": "WarmupLR", "params": {
+            "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": start * t.lr,
+            "warmup_max_lr": t.lr}}
+    ds = {
+        # the rollout marks accumulation boundaries itself (set_gradient_accumulation_boundary), so DeepSpeed
+        # sees one micro-batch per step and never rescales the loss
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+            "torch_adam": device.type != "cuda"}},
+        "scheduler": scheduler,
+        "steps_per_print": 1 << 30,
+        "tensorboard": {"enabled": t.tensorboard, "output_path": str(run_dir / "tensorboard"),
+                        "job_name": "train"},
+    }
+    if dtype == torch.bfloat16:
+        ds["bf16"] = {"enabled": True}
+        if t.zero_stage >= 1:
+            # fp32 master weights, and chunk gradients add up in fp32 rather than bf16 (DeepSpeed offers
+            # this mix with ZeRO >= 1 only; stage 0 keeps bf16 gradients, as HF does)
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds

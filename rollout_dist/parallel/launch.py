@@ -1,0 +1,45 @@
+"""Joining the process group the launcher set up (deepspeed, torchrun, Open MPI) and picking this rank's device."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank())
+
+
+def local_rank() -> int:
+    """This process's index on its node, from the deepspeed/torchrun launcher or Open MPI."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+
+
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def init_distributed(device: torch.device) -> None:
+    """Joins the process group that ``deepspeed``/``torchrun`` set up (RANK etc. in the environment), discovers
+    ranks through mpi4py under ``deepspeed --launcher openmpi``/``mpirun``, or makes a one-process group."""
+    import deepspeed
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" not in os.environ and any(v in os.environ for v in _MPI_RANK_VARS):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True)
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
