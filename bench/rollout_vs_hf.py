@@ -81,6 +81,10 @@ def ours_step(model, opt, ids, chunk, attention="auto", keep=False):
     return loss
 
 
+def _peak_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+
+
 class _ProbeDone(Exception):
     pass
 
@@ -113,9 +117,9 @@ def probe_memory(model, opt, T, chunk, backward_chunks):
         per_chunk = [b - a for a, b in zip(times, times[1:])]
         rec.update(fits=True, fill_and_first_backward_s=round(times[0] - t0, 1),
                    backward_chunk_s=[round(x, 2) for x in per_chunk],
-                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+                   peak_mem_gib=_peak_gib())
     except torch.OutOfMemoryError:
-        rec.update(oom=True, peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+        rec.update(oom=True, peak_mem_gib=_peak_gib())
     finally:
         opt.zero_grad(set_to_none=True)
     emit(rec)
@@ -145,9 +149,9 @@ def measure(system, step, model, opt, T, chunk, peak, steps, deadline):
         dt = min(times)
         rec.update(step_s=round(dt, 3), tok_s=round(T / dt, 1), model_tflops=round(flops / dt / 1e12, 1),
                    mfu=round(flops / dt / 1e12 / peak, 3), loss=round(loss, 4),
-                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2), timed_steps=len(times))
+                   peak_mem_gib=_peak_gib(), timed_steps=len(times))
     except torch.OutOfMemoryError:
-        rec.update(oom=True, peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+        rec.update(oom=True, peak_mem_gib=_peak_gib())
     finally:
         opt.zero_grad(set_to_none=True)
     emit(rec)
