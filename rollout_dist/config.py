@@ -17,6 +17,7 @@ from rollout_dist.planning.config import PlannerConfig
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 ATTENTION_KERNELS = ("auto", "sdpa", "cudnn", "flash", "math")  # rollout_dist.model.attention.KERNELS
 SCHEDULES = ("constant", "cosine", "linear")
+OFFLOAD_MODES = ("none", "kv", "all")  # rollout_dist.model.offload.OFFLOAD_MODES
 
 
 class ConfigError(ValueError):
@@ -113,11 +114,17 @@ class RolloutConfig:
     """Keep every layer's attention output of the fill pass (2 x hidden bytes per token per layer, plus the
     log-sum-exp) so the backward pass does not compute attention forward again: faster, more memory. Applies
     with the split kernels (auto/cudnn/flash/math)."""
+    offload: str = "none"
+    """Where the carried state lives: none (GPU), kv (K/V in pinned host memory, staged into the GPU a layer at
+    a time on a side stream; dK/dV stay on the GPU) or all (K/V and dK/dV on the host). GPU memory then no longer
+    grows with the document for what is offloaded; host memory does (docs/performance.md)."""
 
     def __post_init__(self):
         _positive("rollout.chunk_size", self.chunk_size, "it is the number of tokens per chunk, e.g. 1024")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"rollout.attention={self.attention!r} is not one of {ATTENTION_KERNELS}")
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(f"rollout.offload={self.offload!r} is not one of {OFFLOAD_MODES}")
         if self.mode != "exact":
             raise ConfigError(f"rollout.mode={self.mode!r} is not available yet; use rollout.mode=exact")
 
@@ -142,6 +149,10 @@ class TrainerConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0, 1 or 2."""
+    offload_optimizer: str = "none"
+    """ZeRO-Offload: ``cpu`` keeps the fp32 master weights, gradients and Adam moments in pinned host memory and
+    runs the Adam step there (DeepSpeed's CPU Adam on GPU runs); the GPU keeps the bf16 weights only. Needs
+    trainer.zero_stage 1 or 2."""
     device: str = "auto"
     """auto (CUDA when available), cuda or cpu."""
     log_every: int = 1
@@ -153,6 +164,11 @@ class TrainerConfig:
         _positive("trainer.log_every", self.log_every)
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"trainer.zero_stage={self.zero_stage}: chunked rollout supports ZeRO 0, 1 or 2")
+        if self.offload_optimizer not in ("none", "cpu"):
+            raise ConfigError(f"trainer.offload_optimizer={self.offload_optimizer!r}: choose none or cpu")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ConfigError("trainer.offload_optimizer=cpu needs trainer.zero_stage=1 or 2 (DeepSpeed offloads "
+                              "the optimizer states that ZeRO partitions)")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"trainer.schedule={self.schedule!r} is not one of {SCHEDULES}")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -216,6 +232,12 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+    def __post_init__(self):
+        if self.parallel.pp > 1 and self.rollout.offload != "none":
+            raise ConfigError(f"rollout.offload={self.rollout.offload} is not supported with pipeline stages "
+                              f"(parallel.pp={self.parallel.pp}) yet; stages already split the K/V over GPUs: "
+                              "use rollout.offload=none, or parallel.pp=1")
 
 
 def register_configs() -> None:

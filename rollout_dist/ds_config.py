@@ -29,13 +29,16 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
         scheduler = {"type": "WarmupLR", "params": {
             "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": start * t.lr,
             "warmup_max_lr": t.lr}}
+    zero = {"stage": t.zero_stage}
+    if t.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": t.offload_optimizer, "pin_memory": device.type == "cuda"}
     ds = {
         # the rollout marks accumulation boundaries itself (set_gradient_accumulation_boundary), so DeepSpeed
         # sees one micro-batch per step and never rescales the loss
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
             "torch_adam": device.type != "cuda"}},

@@ -73,7 +73,7 @@ class Trainer:
             invalid_utf8=cfg.data.invalid_utf8,
             progress=os.environ.get("RANK", "0") == "0")
         self.rollout = ExactRollout(cfg.rollout.chunk_size, attention=cfg.rollout.attention,
-                                    keep_attention=cfg.rollout.keep_attention)
+                                    keep_attention=cfg.rollout.keep_attention, offload=cfg.rollout.offload)
         self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)
                               if cfg.data.chunk_index else None)
         self.engine = None

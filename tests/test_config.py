@@ -47,6 +47,9 @@ def test_model_shapes_match_their_names():
     ("rollout.mode=memory", "rollout.mode"),
     ("rollout.attention=xformers", "rollout.attention"),
     ("trainer.zero_stage=3", "trainer.zero_stage"),
+    ("trainer.offload_optimizer=nvme", "trainer.offload_optimizer"),
+    ("trainer.offload_optimizer=cpu", "trainer.offload_optimizer"),  # with zero_stage 0
+    ("rollout.offload=disk", "rollout.offload"),
     ("trainer.grad_accum=0", "trainer.grad_accum"),
     ("trainer.schedule=step", "trainer.schedule"),
     ("model.dtype=float16", "model.dtype"),
@@ -64,6 +67,18 @@ def test_unknown_key_is_refused():
 
 
 def test_attention_kernel_names_agree_with_the_model_code():
-    from rollout_dist.config import ATTENTION_KERNELS
+    from rollout_dist.config import ATTENTION_KERNELS, OFFLOAD_MODES
     from rollout_dist.model.attention import KERNELS
+    from rollout_dist.model.offload import OFFLOAD_MODES as MODEL_OFFLOAD_MODES
     assert ATTENTION_KERNELS == KERNELS
+    assert OFFLOAD_MODES == MODEL_OFFLOAD_MODES
+
+
+def test_offload_with_pipeline_stages_is_refused_with_a_way_out():
+    with pytest.raises(ConfigError, match="rollout.offload=kv is not supported with pipeline stages"):
+        load("rollout.offload=kv", "parallel.pp=2")
+
+
+def test_8b_offload_recipe_composes():
+    cfg = load("model=llama3_8b", "rollout.offload=kv", "trainer.zero_stage=2", "trainer.offload_optimizer=cpu")
+    assert (cfg.rollout.offload, cfg.trainer.offload_optimizer, cfg.trainer.zero_stage) == ("kv", "cpu", 2)

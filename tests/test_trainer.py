@@ -13,7 +13,7 @@ from tests.helpers import grads_of, worst_rel_error
 
 
 def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk=7, texts=None, checkpoint_every=0,
-                 resume=False, **trainer_kw):
+                 resume=False, offload="none", **trainer_kw):
     data_dir = tmp_path / "docs"
     data_dir.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(texts or ["The first document, somewhat longer than the second one is.",
@@ -23,7 +23,7 @@ def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk
         model=ModelConfig(dtype=dtype, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                           num_kv_heads=2),
         data=DataConfig(path=str(data_dir), shuffle=False),
-        rollout=RolloutConfig(chunk_size=chunk),
+        rollout=RolloutConfig(chunk_size=chunk, offload=offload),
         trainer=TrainerConfig(max_steps=trainer_kw.pop("max_steps", 2), grad_accum=grad_accum,
                               zero_stage=zero_stage, device="cpu",
                               warmup_steps=0, tensorboard=False, **trainer_kw),
@@ -91,14 +91,27 @@ def test_fit_steps_and_updates_weights_and_saves_hf_model(tmp_path):
     assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "train.log").is_file()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_stages_give_the_same_update_as_stage_0(tmp_path, stage):
+@pytest.mark.parametrize("stage,offload", [(1, "none"), (2, "none"), (2, "cpu")])
+def test_zero_stages_give_the_same_update_as_stage_0(tmp_path, stage, offload):
+    """ZeRO 1/2, and ZeRO-Offload of the optimizer (fp32 master and Adam state on the host), change nothing."""
     results = {}
-    for st in (0, stage):
-        trainer = make_trainer(tmp_path / f"z{st}", zero_stage=st)
+    for st, off in ((0, "none"), (stage, offload)):
+        trainer = make_trainer(tmp_path / f"z{st}{off}", zero_stage=st, offload_optimizer=off)
         trainer.fit()
+        assert trainer.engine.zero_cpu_offload() == (off == "cpu")
         results[st] = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
     worst = max(((results[stage][n] - p).norm() / p.norm()).item() for n, p in results[0].items())
+    assert worst <= 1e-6, worst
+
+
+def test_offloaded_kv_trains_like_device_kv(tmp_path):
+    results = {}
+    for mode in ("none", "all"):
+        trainer = make_trainer(tmp_path / mode, offload=mode)
+        assert trainer.rollout.offload == mode
+        trainer.fit()
+        results[mode] = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    worst = max(((results["all"][n] - p).norm() / p.norm()).item() for n, p in results["none"].items())
     assert worst <= 1e-6, worst
 
 

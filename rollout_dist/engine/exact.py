@@ -15,6 +15,7 @@ import torch
 
 from ..model import CausalLMAdapter, KVState
 from ..model.attention import KERNELS, SegmentMask
+from ..model.offload import OFFLOAD_MODES
 from .loss import IGNORE_INDEX, cross_entropy_sum, shift_targets
 from .packing import mask_cross_document_targets, packed_positions, validate_segments
 
@@ -95,17 +96,21 @@ class ExactRollout:
     ``attention`` picks the chunk-attention kernel (rollout_dist.model.attention.attention_kernel): ``auto`` uses
     cuDNN's fused attention on CUDA in fp16/bf16 and PyTorch SDPA elsewhere.  ``keep_attention`` keeps the
     fill pass's attention outputs so the backward pass skips the attention forward (more memory).
+    ``offload`` (none, kv, all) keeps the carried K/V, or K/V and dK/dV, in pinned host memory and stages them
+    into the device layer by layer on a side stream (rollout_dist.model.offload).
     ``verify_recompute`` records, per recomputed chunk and layer, the largest difference between the recomputed
     K/V and those stored by the first forward (they must be bit-identical, dropout included).
     """
 
     def __init__(self, chunk_size: int, verify_recompute: bool = False, attention: str = "auto",
-                 keep_attention: bool = False):
+                 keep_attention: bool = False, offload: str = "none"):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if attention not in KERNELS:
             raise ValueError(f"attention={attention!r} is not one of {KERNELS}")
-        self.attention = attention
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload={offload!r} is not one of {OFFLOAD_MODES}")
+        self.attention, self.offload = attention, offload
         self.keep_attention = keep_attention
         self.chunk_size = chunk_size
         self.verify_recompute = verify_recompute
@@ -151,9 +156,19 @@ class ExactRollout:
         batch, length = input_ids.shape
         spans = self.spans(length) if spans is None else check_spans(spans, length)
 
-        state = adapter.new_state(batch, length)
+        state = adapter.new_state(batch, length, offload=self.offload)
         state.verify_recompute = self.verify_recompute
         state.keep_attention = self.keep_attention
+        try:
+            loss_sum = self._rollout(adapter, state, input_ids, targets, spans, chunk_args, normalizer, backward)
+        finally:
+            state.close()
+        self.last_state = state if self.verify_recompute else None
+        total = float(loss_sum)
+        return RolloutResult(loss=total / num_tokens, num_tokens=num_tokens, loss_sum=total,
+                             num_chunks=len(spans), state_bytes=state.nbytes)
+
+    def _rollout(self, adapter, state, input_ids, targets, spans, chunk_args, normalizer, backward):
         rng = []
         with adapter.chunk_attention(self.attention):
             with torch.no_grad():
@@ -164,28 +179,25 @@ class ExactRollout:
             state.allocate_grads()
             loss_sum = torch.zeros((), dtype=torch.float64, device=adapter.device)
             for (s, e), rng_state in zip(reversed(spans), reversed(rng)):
-                with _RestoredRng(rng_state, adapter.device), torch.enable_grad():
+                with _RestoredRng(rng_state, adapter.device), torch.enable_grad(), state.autograd_hooks():
                     hidden = adapter.forward_chunk(input_ids[:, s:e], s, state, phase="recompute",
                                                    **chunk_args(s, e))
                     ce = cross_entropy_sum(adapter.logits(hidden), targets[:, s:e])
                     backward(ce / normalizer)
                 loss_sum += ce.detach().to(torch.float64)
-        self.last_state = state if self.verify_recompute else None
-        total = float(loss_sum)
-        return RolloutResult(loss=total / num_tokens, num_tokens=num_tokens, loss_sum=total,
-                             num_chunks=len(spans), state_bytes=state.nbytes)
+        return loss_sum
 
 
 def chunked_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, *, chunk_size: int,
                              labels: torch.Tensor | None = None, loss_normalizer: float | None = None,
                              backward: BackwardFn | None = None, attention: str = "auto",
                              segment_ids: torch.Tensor | None = None, keep_attention: bool = False,
-                             ) -> RolloutResult:
+                             offload: str = "none") -> RolloutResult:
     """Exact chunk-wise forward and backward of ``model`` on ``input_ids`` (B, T); see ``ExactRollout.run``.
 
     Returns ``.loss`` (HF's mean token cross-entropy, labels shifted inside, -100 ignored; ``labels=None`` means
     ``labels=input_ids``) and ``.num_tokens``; every parameter's ``.grad`` accumulates the gradient of that loss.
     """
-    return ExactRollout(chunk_size, attention=attention, keep_attention=keep_attention).run(model, input_ids, labels,
-                                                             loss_normalizer=loss_normalizer, backward=backward,
-                                                             segment_ids=segment_ids)
+    rollout = ExactRollout(chunk_size, attention=attention, keep_attention=keep_attention, offload=offload)
+    return rollout.run(model, input_ids, labels, loss_normalizer=loss_normalizer, backward=backward,
+                       segment_ids=segment_ids)

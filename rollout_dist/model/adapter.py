@@ -13,6 +13,7 @@ import torch
 
 from .attention import ATTN_NAME, ChunkContext, SegmentMask, attention_kernel
 from .kv_state import KVState
+from .offload import OffloadedKVState
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # RoPE variants whose frequencies depend on the current sequence length cannot be evaluated chunk by chunk
@@ -63,9 +64,14 @@ class CausalLMAdapter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def new_state(self, batch: int, length: int) -> KVState:
-        return KVState.allocate(self.num_layers, batch, self.kv_heads, length, self.head_dim, self.dtype,
-                                self.device, layer_offset=self.layer_offset)
+    def new_state(self, batch: int, length: int, offload: str = "none") -> KVState:
+        """Carried K/V for a (batch, length) document: on the device, or (``offload`` kv/all) in host memory
+        staged layer by layer (rollout_dist.model.offload)."""
+        if offload == "none":
+            return KVState.allocate(self.num_layers, batch, self.kv_heads, length, self.head_dim, self.dtype,
+                                    self.device, layer_offset=self.layer_offset)
+        return OffloadedKVState(self.num_layers, batch, self.kv_heads, length, self.head_dim, self.dtype,
+                                self.device, layer_offset=self.layer_offset, mode=offload)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V per token (all layers), in the model's dtype; dK/dV double it during backward."""

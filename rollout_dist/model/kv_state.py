@@ -7,6 +7,7 @@ through the chunks in reverse order.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -15,29 +16,33 @@ import torch
 class _CarriedKV(torch.autograd.Function):
     """The K (or V) one chunk attends to during the backward recompute: the carried prefix plus its own.
 
-    ``chunk`` is (B, heads, c, D) as HF's attention makes it; ``buf``/``grad_buf`` are (B, T, heads, D), the
-    flash-attention layout, so the prefix view handed to attention is contiguous for B = 1 and never copied.
+    ``chunk`` is (B, heads, c, D) as HF's attention makes it; ``buf`` is (B, T, heads, D), the flash-attention
+    layout, so the prefix view handed to attention is contiguous for B = 1 and never copied.
     forward: makes sure ``buf[:, start:end]`` holds the chunk's fresh values (bit-identical to what the fill
     phase stored) and returns the view ``buf[:, :end]`` as (B, heads, end, D).
-    backward: the prefix part of the incoming gradient is added in place into ``grad_buf[:, :start]`` (dK/dV
-    handed back to earlier chunks); the chunk part gets ``grad_buf[:, start:end]`` added, which holds what
-    later chunks (already run backward) sent to this chunk's keys.
+    backward: the prefix part of the incoming gradient is added in place into the state's gradient buffer
+    ``[:, :start]`` (dK/dV handed back to earlier chunks); the chunk part gets ``[:, start:end]`` of it added,
+    which holds what later chunks (already run backward) sent to this chunk's keys.
     """
 
     @staticmethod
-    def forward(ctx, chunk: torch.Tensor, buf: torch.Tensor, grad_buf: torch.Tensor, start: int, filled: int):
+    def forward(ctx, chunk: torch.Tensor, buf: torch.Tensor, state: KVState, layer: int, kind: str,
+                start: int, filled: int):
         end = start + chunk.shape[2]
-        ctx.grad_buf, ctx.start, ctx.end = grad_buf, start, end
+        ctx.state, ctx.layer, ctx.kind, ctx.start, ctx.end = state, layer, kind, start, end
         if end > filled:
             buf[:, start:end].copy_(chunk.transpose(1, 2))
         return buf.detach()[:, :end].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        s, e, gbuf = ctx.start, ctx.end, ctx.grad_buf
+        s, e = ctx.start, ctx.end
+        gbuf = ctx.state.grad_buffer(ctx.layer, ctx.kind, e)
         if s > 0:
             gbuf[:, :s].add_(grad[:, :, :s].transpose(1, 2))
-        return grad[:, :, s:] + gbuf[:, s:e].transpose(1, 2), None, None, None, None
+        out = grad[:, :, s:] + gbuf[:, s:e].transpose(1, 2)
+        ctx.state.grad_accumulated(ctx.layer, ctx.kind, s, e)
+        return out, None, None, None, None, None, None
 
 
 @dataclass
@@ -67,7 +72,7 @@ class KVState:
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, layer_offset: int = 0) -> "KVState":
+                 dtype: torch.dtype, device: torch.device, layer_offset: int = 0) -> KVState:
         shape = (batch, length, kv_heads, head_dim)
         return cls(keys=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)],
                    values=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)],
@@ -103,5 +108,19 @@ class KVState:
             diff = max((key.detach().transpose(1, 2) - kbuf[:, s:e]).abs().max().item(),
                        (value.detach().transpose(1, 2) - vbuf[:, s:e]).abs().max().item())
             self.recompute_mismatch.append(diff)
-        return (_CarriedKV.apply(key, kbuf, self.dkeys[layer_idx], s, self.filled),
-                _CarriedKV.apply(value, vbuf, self.dvalues[layer_idx], s, self.filled))
+        return (_CarriedKV.apply(key, kbuf, self, layer_idx, "k", s, self.filled),
+                _CarriedKV.apply(value, vbuf, self, layer_idx, "v", s, self.filled))
+
+    def grad_buffer(self, layer: int, kind: str, end: int) -> torch.Tensor:
+        """dK (kind "k") or dV ("v") of ``layer``, valid on [0, end); written in place by the backward pass."""
+        return (self.dkeys if kind == "k" else self.dvalues)[layer]
+
+    def grad_accumulated(self, layer: int, kind: str, start: int, end: int) -> None:
+        """Called once the chunk [start, end) has added its share into ``grad_buffer``: [0, start) stays live."""
+
+    def autograd_hooks(self):
+        """Context for the recompute pass (forward and backward): none for buffers on the device."""
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Waits for outstanding transfers (none here)."""

@@ -1,0 +1,301 @@
+"""Carried K/V (and optionally dK/dV) kept in pinned host memory, staged layer by layer into a few device slots.
+
+The exact rollout needs every layer's K/V of the whole prefix, but only one layer's at a time: a layer's
+attention reads them (fill and recompute passes) and its attention backward reads them again.  So the per-layer
+buffers live on the host and a *ring* of device slots (two by default) holds the layers in use; while layer l
+computes, layer l+1's prefix is copied in on a side stream (layer l-1's during backward).  A chunk of c queries
+does about 4·c FLOPs of attention per byte of K/V copied, so for chunks of thousands of tokens the copies hide
+behind the attention.
+
+During the recompute pass, tensors autograd saves that live in a slot (the K/V views attention keeps for its
+backward) are replaced by a small token through ``torch.autograd.graph.saved_tensors_hooks``; backward stages
+the layer again when it unpacks them.  Nothing else changes: the attention kernels, the HF modules and the
+``_CarriedKV`` hand-back of dK/dV are those of the in-device state.
+
+On CPU (tests) the "host" and the slots are both CPU tensors and copies are synchronous; the staging logic is
+the same.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from .kv_state import KVState, _CarriedKV
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_MODES = ("none", "kv", "all")
+"""none: everything on the device; kv: K/V on the host, dK/dV on the device; all: K/V and dK/dV on the host."""
+
+
+def _unregister(ptrs: list[int]) -> None:
+    cudart = torch.cuda.cudart()
+    for ptr in ptrs:
+        cudart.cudaHostUnregister(ptr)
+
+
+def host_buffers(count: int, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool, zero: bool,
+                 owner: object) -> list[torch.Tensor]:
+    """``count`` host tensors of ``shape``; page-locked when ``pinned`` so device copies run asynchronously.
+
+    Page-locking registers ordinary allocations (cudaHostRegister) instead of using PyTorch's pinned allocator,
+    which rounds every request up to a power of two (up to 2x the host memory at these sizes).  Registrations
+    are released when ``owner`` is collected."""
+    tensors = [torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype) for _ in range(count)]
+    if not pinned:
+        return tensors
+    cudart, ptrs = torch.cuda.cudart(), []
+    for t in tensors:
+        err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(err) != 0:
+            _unregister(ptrs)
+            nbytes = count * tensors[0].numel() * tensors[0].element_size()
+            raise RuntimeError(f"could not page-lock {nbytes / 2**30:.1f} GiB of host memory for offloaded K/V "
+                               f"(cudaHostRegister error {int(err)}); shorten the document, use fewer offloaded "
+                               "buffers (rollout.offload=kv instead of all) or raise the memlock limit")
+        ptrs.append(t.data_ptr())
+    weakref.finalize(owner, _unregister, ptrs)
+    return tensors
+
+
+class LayerRing:
+    """Per-layer (B, T, heads, D) tensors on the host and ``slots`` device buffers holding one layer's [0, n) each.
+
+    ``acquire`` returns the device slot holding a layer's prefix (copying it in if needed, waiting for a copy
+    already issued); ``prefetch`` issues that copy early on the side stream; ``write`` copies a slot range back.
+    The most recently acquired slot is never the victim of a copy-in, and every copy-in waits (on the device)
+    for all work issued before it, so a slot is not overwritten while a kernel may still read it.
+    """
+
+    def __init__(self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 slots: int = 2, zero: bool = False, stream: torch.cuda.Stream | None = None):
+        if slots < 2:
+            raise ValueError(f"a layer ring needs at least 2 slots (one in use, one filling); got {slots}")
+        cuda = device.type == "cuda"
+        self.device, self.stream = device, stream
+        self.host = host_buffers(num_layers, shape, dtype, pinned=cuda, zero=zero, owner=self)
+        self.slots = [torch.empty(shape, dtype=dtype, device=device) for _ in range(slots)]
+        self._layer: list[int | None] = [None] * slots
+        self._valid = [0] * slots  # slot i holds layer _layer[i] on [0, _valid[i])
+        self._ready: list[object] = [None] * slots
+        self._order = list(range(slots))  # least recently used first
+        self._storages = {s.untyped_storage().data_ptr(): i for i, s in enumerate(self.slots)}
+        self.copied_in = 0  # bytes copied host -> device (for benchmarks and tests)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.host)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.slots)
+
+    def slot_of(self, tensor: torch.Tensor) -> int | None:
+        """Index of the slot ``tensor`` is a view of, or None."""
+        return self._storages.get(tensor.untyped_storage().data_ptr())
+
+    def layer_in(self, slot: int) -> tuple[int | None, int]:
+        return self._layer[slot], self._valid[slot]
+
+    def _touch(self, slot: int) -> None:
+        self._order.remove(slot)
+        self._order.append(slot)
+
+    def _find(self, layer: int, n: int) -> int | None:
+        for i, (held, valid) in enumerate(zip(self._layer, self._valid)):
+            if held == layer and valid >= n:
+                return i
+        return None
+
+    def _on_side_stream(self, copy) -> object:
+        """Runs ``copy`` after all work issued so far on the current stream; returns its completion event."""
+        if self.stream is None:
+            copy()
+            return None
+        issued = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(issued)
+            copy()
+            return self.stream.record_event()
+
+    def prefetch(self, layer: int, n: int) -> int:
+        """Makes a slot hold ``layer`` on [0, n) (copy issued, maybe not finished); returns the slot."""
+        slot = self._find(layer, n)
+        if slot is not None:
+            return slot
+        slot = self._order[0]
+        dst, src = self.slots[slot], self.host[layer]
+        if n > 0:
+            def copy():
+                dst[:, :n].copy_(src[:, :n], non_blocking=True)
+            self._ready[slot] = self._on_side_stream(copy)
+            self.copied_in += dst[:, :n].numel() * dst.element_size()
+        else:
+            self._ready[slot] = None
+        self._layer[slot], self._valid[slot] = layer, n
+        self._touch(slot)
+        self._order.insert(0, self._order.pop())  # a prefetched slot is not "in use" yet
+        return slot
+
+    def acquire(self, layer: int, n: int) -> tuple[int, torch.Tensor]:
+        """The slot holding ``layer`` on [0, n), ready for kernels issued on the current stream from now on."""
+        slot = self.prefetch(layer, n)
+        if self._ready[slot] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
+            self._ready[slot] = None
+        self._touch(slot)
+        return slot, self.slots[slot]
+
+    def extend(self, slot: int, n: int) -> None:
+        """Kernels on the current stream wrote [valid, n) of the slot (a chunk's fresh K/V)."""
+        self._valid[slot] = max(self._valid[slot], n)
+
+    def truncate(self, slot: int, n: int) -> None:
+        """Only [0, n) of the slot is to be trusted from now on (the rest was consumed)."""
+        self._valid[slot] = min(self._valid[slot], n)
+
+    def write(self, slot: int, lo: int, hi: int) -> None:
+        """Copies the slot's [lo, hi) to its layer's host tensor, after the work issued so far."""
+        if hi <= lo:
+            return
+        dst, src = self.host[self._layer[slot]], self.slots[slot]
+
+        def copy():
+            dst[:, lo:hi].copy_(src[:, lo:hi], non_blocking=True)
+        self._on_side_stream(copy)
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+class OffloadedKVState(KVState):
+    """``KVState`` whose K/V (``mode="kv"``), or K/V and dK/dV (``mode="all"``), live in host memory.
+
+    Device memory no longer grows with the document for what is offloaded: it holds ``slots`` layers' worth of
+    buffers per offloaded tensor kind (full document length each), the rest stays as in ``KVState``."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, layer_offset: int = 0, mode: str = "kv",
+                 slots: int = 2):
+        if mode not in ("kv", "all"):
+            raise ValueError(f"offload mode {mode!r} is not one of {OFFLOAD_MODES[1:]}")
+        super().__init__(keys=[], values=[], layer_offset=layer_offset)
+        self.mode, self.num_layers = mode, num_layers
+        self._shape, self._dtype, self._device = (batch, length, kv_heads, head_dim), dtype, device
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.rings = {kind: LayerRing(num_layers, self._shape, dtype, device, slots=slots, stream=stream)
+                      for kind in ("k", "v")}
+        self.grad_rings: dict[str, LayerRing] = {}
+        self._grad_slot: dict[tuple[int, str], int] = {}
+        self.packed = 0  # saved tensors replaced by a token during recompute (tests check it is not 0)
+
+    # sizes -------------------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held for the carried state (slots, device-side dK/dV, kept attention outputs)."""
+        rings = [*self.rings.values(), *self.grad_rings.values()]
+        kept = sum(t.numel() * t.element_size() for out, lse, _ in self.attention_cache.values() for t in (out, lse))
+        grads = sum(t.numel() * t.element_size() for t in (*self.dkeys, *self.dvalues))
+        return kept + grads + sum(r.device_bytes for r in rings)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(r.host_bytes for r in (*self.rings.values(), *self.grad_rings.values()))
+
+    @property
+    def copied_in(self) -> int:
+        return sum(r.copied_in for r in (*self.rings.values(), *self.grad_rings.values()))
+
+    def allocate_grads(self) -> None:
+        if self.mode == "kv":
+            self.dkeys = [torch.zeros(self._shape, dtype=self._dtype, device=self._device)
+                          for _ in range(self.num_layers)]
+            self.dvalues = [torch.zeros_like(t) for t in self.dkeys]
+            return
+        stream = self.rings["k"].stream
+        self.grad_rings = {kind: LayerRing(self.num_layers, self._shape, self._dtype, self._device,
+                                           slots=len(self.rings[kind].slots), zero=True, stream=stream)
+                           for kind in ("k", "v")}
+
+    # forward -----------------------------------------------------------------------------------------------
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = layer_idx - self.layer_offset
+        s, e = self.start, self.start + key.shape[2]
+        last = layer == self.num_layers - 1
+        out = []
+        for kind, fresh in (("k", key), ("v", value)):
+            ring = self.rings[kind]
+            if self.phase == "fill":
+                slot, buf = ring.acquire(layer, s)
+                buf[:, s:e].copy_(fresh.transpose(1, 2))
+                ring.extend(slot, e)
+                ring.write(slot, s, e)
+                # the next layer's prefix now; after the last layer, layer 0's for the next chunk ([0, e))
+                ring.prefetch(0 if last else layer + 1, e)
+                out.append(buf[:, :e].transpose(1, 2))
+                continue
+            stored = e <= self.filled  # else the chunk is the last one, never stored by the fill pass
+            slot, buf = ring.acquire(layer, e if stored else s)
+            if self.verify_recompute and stored:
+                self.recompute_mismatch.append((fresh.detach().transpose(1, 2) - buf[:, s:e]).abs().max().item())
+            out.append(_CarriedKV.apply(fresh, buf, self, layer, kind, s, self.filled))
+            if not stored:
+                ring.extend(slot, e)
+                ring.write(slot, s, e)  # backward stages this layer again and needs the chunk's part
+            if not last:
+                ring.prefetch(layer + 1, e)
+            elif kind in self.grad_rings:
+                self.grad_rings[kind].prefetch(layer, e)  # backward starts with the last layer
+        if layer == self.num_layers - 1 and self.phase == "fill":
+            self.filled = max(self.filled, e)
+        return out[0], out[1]
+
+    # backward ----------------------------------------------------------------------------------------------
+    def grad_buffer(self, layer: int, kind: str, end: int) -> torch.Tensor:
+        if not self.grad_rings:
+            return super().grad_buffer(layer, kind, end)
+        slot, buf = self.grad_rings[kind].acquire(layer, end)
+        self._grad_slot[(layer, kind)] = slot
+        return buf
+
+    def grad_accumulated(self, layer: int, kind: str, start: int, end: int) -> None:
+        if not self.grad_rings:
+            return
+        ring, slot = self.grad_rings[kind], self._grad_slot.pop((layer, kind))
+        ring.write(slot, 0, start)
+        ring.truncate(slot, start)  # [start, end) was handed to this chunk's own K/V
+        if layer > 0:
+            ring.prefetch(layer - 1, end)  # the same chunk's backward reaches layer - 1 next
+
+    def autograd_hooks(self):
+        """Saved-tensor hooks for the recompute pass: a saved view of a K/V slot becomes (ring, layer, view
+        geometry) and is staged again when backward unpacks it."""
+        kinds = {id(r): kind for kind, r in self.rings.items()}
+
+        def pack(t: torch.Tensor):
+            for ring in self.rings.values():
+                slot = ring.slot_of(t)
+                if slot is not None:
+                    layer, valid = ring.layer_in(slot)
+                    self.packed += 1
+                    return (kinds[id(ring)], layer, valid, t.size(), t.stride(), t.storage_offset())
+            return t
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            kind, layer, valid, size, stride, offset = packed
+            ring = self.rings[kind]
+            _, buf = ring.acquire(layer, valid)
+            if layer > 0:
+                ring.prefetch(layer - 1, valid)
+            return buf.as_strided(size, stride, offset)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def close(self) -> None:
+        for ring in (*self.rings.values(), *self.grad_rings.values()):
+            ring.synchronize()
