@@ -118,11 +118,16 @@ class RolloutConfig:
     """Where the carried state lives: none (GPU), kv (K/V in pinned host memory, staged into the GPU a layer at
     a time on a side stream; dK/dV stay on the GPU) or all (K/V and dK/dV on the host). GPU memory then no longer
     grows with the document for what is offloaded; host memory does (docs/performance.md)."""
+    vocab_tile: int = 0
+    """Compute the LM head and loss in tiles of this many vocabulary rows, so a chunk's (tokens x vocab) logits
+    never exist whole (e.g. 16384 for 128K-token vocabularies and long chunks). 0: the plain head."""
 
     def __post_init__(self):
         _positive("rollout.chunk_size", self.chunk_size, "it is the number of tokens per chunk, e.g. 1024")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"rollout.attention={self.attention!r} is not one of {ATTENTION_KERNELS}")
+        if not isinstance(self.vocab_tile, int) or self.vocab_tile < 0:
+            raise ConfigError(f"rollout.vocab_tile={self.vocab_tile!r} must be 0 (off) or a positive number of rows")
         if self.offload not in OFFLOAD_MODES:
             raise ConfigError(f"rollout.offload={self.offload!r} is not one of {OFFLOAD_MODES}")
         if self.mode != "exact":

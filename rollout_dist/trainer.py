@@ -73,7 +73,8 @@ class Trainer:
             invalid_utf8=cfg.data.invalid_utf8,
             progress=os.environ.get("RANK", "0") == "0")
         self.rollout = ExactRollout(cfg.rollout.chunk_size, attention=cfg.rollout.attention,
-                                    keep_attention=cfg.rollout.keep_attention, offload=cfg.rollout.offload)
+                                    keep_attention=cfg.rollout.keep_attention, offload=cfg.rollout.offload,
+                                    vocab_tile=cfg.rollout.vocab_tile)
         self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)
                               if cfg.data.chunk_index else None)
         self.engine = None
@@ -112,7 +113,8 @@ class Trainer:
                     p.model_parallel = True  # unique to this stage: DeepSpeed sums its grad norm over stages
                 self.rollout = PipelineRollout(self.cfg.rollout.chunk_size, self.layout,
                                                attention=self.cfg.rollout.attention,
-                                               keep_attention=self.cfg.rollout.keep_attention)
+                                               keep_attention=self.cfg.rollout.keep_attention,
+                                               vocab_tile=self.cfg.rollout.vocab_tile)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.rank == 0:

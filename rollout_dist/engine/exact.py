@@ -16,7 +16,7 @@ import torch
 from ..model import CausalLMAdapter, KVState
 from ..model.attention import KERNELS, SegmentMask
 from ..model.offload import OFFLOAD_MODES
-from .loss import IGNORE_INDEX, cross_entropy_sum, shift_targets
+from .loss import IGNORE_INDEX, head_cross_entropy_sum, shift_targets
 from .packing import mask_cross_document_targets, packed_positions, validate_segments
 
 BackwardFn = Callable[[torch.Tensor], None]
@@ -97,20 +97,21 @@ class ExactRollout:
     cuDNN's fused attention on CUDA in fp16/bf16 and PyTorch SDPA elsewhere.  ``keep_attention`` keeps the
     fill pass's attention outputs so the backward pass skips the attention forward (more memory).
     ``offload`` (none, kv, all) keeps the carried K/V, or K/V and dK/dV, in pinned host memory and stages them
-    into the device layer by layer on a side stream (rollout_dist.model.offload).
+    into the device layer by layer on a side stream (rollout_dist.model.offload).  ``vocab_tile`` > 0 computes
+    the LM head and loss in vocabulary tiles (rollout_dist.engine.loss.head_cross_entropy_sum).
     ``verify_recompute`` records, per recomputed chunk and layer, the largest difference between the recomputed
     K/V and those stored by the first forward (they must be bit-identical, dropout included).
     """
 
     def __init__(self, chunk_size: int, verify_recompute: bool = False, attention: str = "auto",
-                 keep_attention: bool = False, offload: str = "none"):
+                 keep_attention: bool = False, offload: str = "none", vocab_tile: int = 0):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if attention not in KERNELS:
             raise ValueError(f"attention={attention!r} is not one of {KERNELS}")
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload={offload!r} is not one of {OFFLOAD_MODES}")
-        self.attention, self.offload = attention, offload
+        self.attention, self.offload, self.vocab_tile = attention, offload, vocab_tile
         self.keep_attention = keep_attention
         self.chunk_size = chunk_size
         self.verify_recompute = verify_recompute
@@ -182,7 +183,7 @@ class ExactRollout:
                 with _RestoredRng(rng_state, adapter.device), torch.enable_grad(), state.autograd_hooks():
                     hidden = adapter.forward_chunk(input_ids[:, s:e], s, state, phase="recompute",
                                                    **chunk_args(s, e))
-                    ce = cross_entropy_sum(adapter.logits(hidden), targets[:, s:e])
+                    ce = head_cross_entropy_sum(hidden, adapter.head, targets[:, s:e], self.vocab_tile)
                     backward(ce / normalizer)
                 loss_sum += ce.detach().to(torch.float64)
         return loss_sum
@@ -192,12 +193,13 @@ def chunked_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, *,
                              labels: torch.Tensor | None = None, loss_normalizer: float | None = None,
                              backward: BackwardFn | None = None, attention: str = "auto",
                              segment_ids: torch.Tensor | None = None, keep_attention: bool = False,
-                             offload: str = "none") -> RolloutResult:
+                             offload: str = "none", vocab_tile: int = 0) -> RolloutResult:
     """Exact chunk-wise forward and backward of ``model`` on ``input_ids`` (B, T); see ``ExactRollout.run``.
 
     Returns ``.loss`` (HF's mean token cross-entropy, labels shifted inside, -100 ignored; ``labels=None`` means
     ``labels=input_ids``) and ``.num_tokens``; every parameter's ``.grad`` accumulates the gradient of that loss.
     """
-    rollout = ExactRollout(chunk_size, attention=attention, keep_attention=keep_attention, offload=offload)
+    rollout = ExactRollout(chunk_size, attention=attention, keep_attention=keep_attention, offload=offload,
+                           vocab_tile=vocab_tile)
     return rollout.run(model, input_ids, labels, loss_normalizer=loss_normalizer, backward=backward,
                        segment_ids=segment_ids)

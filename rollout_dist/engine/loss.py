@@ -24,3 +24,73 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     logits = logits.to(loss_dtype(logits.dtype))
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class _VocabTiledCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies of ``hidden @ weight.T (+ bias)`` computed in vocabulary tiles.
+
+    The (tokens x vocab) logits never exist at once: forward keeps a running log-sum-exp over the tiles and the
+    target logits; backward recomputes each tile's logits (one extra head matmul) and turns them into that tile's
+    softmax gradient. Each tile's weight gradient is one matmul over all tokens, as in the untiled head, and the
+    hidden-state gradient is summed over tiles in fp32. Numerics follow HF: the head runs in the model dtype,
+    the loss in fp32 (fp64 for fp64 models), and the logit gradient is cast back to the model dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, tile: int):
+        acc = loss_dtype(hidden.dtype)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        tgt = targets.reshape(-1)
+        valid = tgt != IGNORE_INDEX
+        lse = torch.full((flat.shape[0],), float("-inf"), dtype=acc, device=hidden.device)
+        picked = torch.zeros_like(lse)
+        for lo in range(0, weight.shape[0], tile):
+            logits = _tile_logits(flat, weight, bias, lo, tile).to(acc)
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+            inside = valid & (tgt >= lo) & (tgt < lo + logits.shape[1])
+            rows = inside.nonzero().squeeze(1)
+            picked[rows] = logits[rows, tgt[rows] - lo]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.tile = tile
+        return ((lse - picked) * valid).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        tgt = targets.reshape(-1)
+        scale = (tgt != IGNORE_INDEX).to(lse.dtype) * grad.to(lse.dtype)
+        dflat = torch.zeros(flat.shape, dtype=lse.dtype, device=flat.device)
+        dweight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        dbias = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for lo in range(0, weight.shape[0], ctx.tile):
+            logits = _tile_logits(flat, weight, bias, lo, ctx.tile).to(lse.dtype)
+            dlogits = torch.exp(logits - lse[:, None])
+            inside = (tgt >= lo) & (tgt < lo + logits.shape[1])
+            rows = inside.nonzero().squeeze(1)
+            dlogits[rows, tgt[rows] - lo] -= 1.0
+            dlogits = (dlogits * scale[:, None]).to(weight.dtype)
+            w = weight[lo:lo + ctx.tile]
+            dflat += (dlogits @ w).to(lse.dtype)
+            if dweight is not None:
+                dweight[lo:lo + ctx.tile] = dlogits.T @ flat
+            if dbias is not None:
+                dbias[lo:lo + ctx.tile] = dlogits.sum(0)
+        return dflat.to(hidden.dtype).view_as(hidden), dweight, dbias, None, None
+
+
+def _tile_logits(flat, weight, bias, lo: int, tile: int) -> torch.Tensor:
+    logits = flat @ weight[lo:lo + tile].T
+    return logits if bias is None else logits + bias[lo:lo + tile]
+
+
+def head_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                           vocab_tile: int = 0) -> torch.Tensor:
+    """Sum of token cross-entropies of the LM head ``head`` on ``hidden`` (B, c, H) against ``targets`` (B, c).
+
+    ``vocab_tile`` > 0 computes the head and the loss in vocabulary tiles of that many rows, so the (c x vocab)
+    logits never exist whole (they are gigabytes for long chunks and 128K-token vocabularies); 0 or a tile not
+    smaller than the vocabulary uses the plain head."""
+    if vocab_tile <= 0 or vocab_tile >= head.weight.shape[0]:
+        return cross_entropy_sum(head(hidden), targets)
+    return _VocabTiledCrossEntropy.apply(hidden, head.weight, head.bias, targets, vocab_tile)

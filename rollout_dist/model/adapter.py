@@ -117,5 +117,9 @@ class CausalLMAdapter:
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.norm(hidden)
 
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self.model.lm_head
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)

@@ -16,7 +16,7 @@ import torch
 
 from ..engine.exact import (BackwardFn, RolloutResult, _capture_rng, _RestoredRng, check_spans, fixed_spans,
                             validate_inputs)
-from ..engine.loss import IGNORE_INDEX, cross_entropy_sum, shift_targets
+from ..engine.loss import IGNORE_INDEX, head_cross_entropy_sum, shift_targets
 from ..model import CausalLMAdapter
 from ..model.attention import KERNELS
 from .layout import RankLayout
@@ -26,13 +26,14 @@ from .p2p import P2P
 class PipelineRollout:
     """One stage's part of the exact rollout.  ``run`` returns the loss sum on the last stage, 0 elsewhere."""
 
-    def __init__(self, chunk_size: int, layout: RankLayout, attention: str = "auto", keep_attention: bool = False):
+    def __init__(self, chunk_size: int, layout: RankLayout, attention: str = "auto", keep_attention: bool = False,
+                 vocab_tile: int = 0):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if attention not in KERNELS:
             raise ValueError(f"attention={attention!r} is not one of {KERNELS}")
         self.chunk_size, self.layout, self.attention = chunk_size, layout, attention
-        self.keep_attention = keep_attention
+        self.keep_attention, self.vocab_tile = keep_attention, vocab_tile
 
     def spans(self, length: int) -> list[tuple[int, int]]:
         return fixed_spans(length, self.chunk_size)
@@ -73,7 +74,7 @@ class PipelineRollout:
                 h_in = stage_input(s, e, grad=True)
                 h = adapter.forward_layers(h_in, s, state, phase="recompute")
                 if adapter.has_head:
-                    ce = cross_entropy_sum(adapter.logits(adapter.final_norm(h)), targets[:, s:e])
+                    ce = head_cross_entropy_sum(adapter.final_norm(h), adapter.head, targets[:, s:e], self.vocab_tile)
                     pending[c] = (h_in, ce)
                 else:
                     p2p.send(h, lay.next_rank)
