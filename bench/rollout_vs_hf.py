@@ -74,8 +74,25 @@ def hf_step(model, opt, ids, chunk):
     return out.loss.item()
 
 
-def ours_step(model, opt, ids, chunk, attention="auto", keep=False):
-    loss = chunked_forward_backward(model, ids, chunk_size=chunk, attention=attention, keep_attention=keep).loss
+def parse_variant(variant: str) -> tuple[str, int, dict]:
+    """ATTENTION[+keep][+kv|+all][+vtN]:CHUNK -> (label, chunk, chunked_forward_backward options)."""
+    spec, chunk = variant.split(":")
+    attention, *flags = spec.split("+")
+    opts = {"attention": attention}
+    for flag in flags:
+        if flag == "keep":
+            opts["keep_attention"] = True
+        elif flag in ("kv", "all"):
+            opts["offload"] = flag
+        elif flag.startswith("vt") and flag[2:].isdigit():
+            opts["vocab_tile"] = int(flag[2:])
+        else:
+            raise SystemExit(f"variant {variant!r}: unknown flag {flag!r} (keep, kv, all, vtN)")
+    return f"rollout_dist[{spec}]", int(chunk), opts
+
+
+def ours_step(model, opt, ids, chunk, **opts):
+    loss = chunked_forward_backward(model, ids, chunk_size=chunk, **opts).loss
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
@@ -89,7 +106,7 @@ class _ProbeDone(Exception):
     pass
 
 
-def probe_memory(model, opt, T, chunk, backward_chunks):
+def probe_memory(model, opt, T, chunk, backward_chunks, opts):
     """Fill forward over all chunks, then the backward of the last ``backward_chunks`` chunks: the memory held
     then (all K/V, all dK/dV, weights, grads, optimizer states, one chunk's activations) is the step's peak,
     which stays flat for the remaining chunks.  Used where a whole step would outlast the device call."""
@@ -108,11 +125,11 @@ def probe_memory(model, opt, T, chunk, backward_chunks):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     rec = {"system": "rollout_dist_probe", "T": T, "chunk": chunk, "gpu": torch.cuda.get_device_name(),
-           "backward_chunks": backward_chunks}
+           "backward_chunks": backward_chunks, **opts}
     t0 = time.time()
     try:
         ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
-        chunked_forward_backward(model, ids, chunk_size=chunk, backward=backward)
+        chunked_forward_backward(model, ids, chunk_size=chunk, backward=backward, **opts)
     except _ProbeDone:
         per_chunk = [b - a for a, b in zip(times, times[1:])]
         rec.update(fits=True, fill_and_first_backward_s=round(times[0] - t0, 1),
@@ -165,8 +182,9 @@ def main():
     ap.add_argument("--ours", type=int, nargs="*", default=[131072, 262144], help="lengths for rollout_dist")
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--variants", nargs="*", default=["auto:4096"],
-                    help="rollout_dist variants as ATTENTION[+keep]:CHUNK (attention: auto, cudnn, flash, sdpa; "
-                         "+keep: rollout.keep_attention)")
+                    help="rollout_dist variants as ATTENTION[+keep][+kv|+all][+vtN]:CHUNK (attention: auto, cudnn, "
+                         "flash, sdpa; keep: rollout.keep_attention; kv/all: rollout.offload; vtN: "
+                         "rollout.vocab_tile=N)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per length (after one warm-up step)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later lengths are skipped after it")
     ap.add_argument("--probe", type=int, nargs="*", default=[],
@@ -178,13 +196,11 @@ def main():
     peak = matmul_peak()
     emit({"what": "bf16_matmul_8192", "tflops": round(peak, 1), "gpu": torch.cuda.get_device_name(),
           "torch": torch.__version__})
-    runs = [("hf_fullseq", hf_step, args.hf, None)]
+    runs = [("hf_fullseq", hf_step, args.hf, None, {})]
     for variant in args.variants:
-        attention, chunk = variant.split(":")
-        attention, keep = attention.removesuffix("+keep"), attention.endswith("+keep")
-        runs.append((f"rollout_dist[{attention}{'+keep' if keep else ''}]",
-                     partial(ours_step, attention=attention, keep=keep), args.ours, int(chunk)))
-    for system, step, lengths, chunk in runs:
+        label, chunk, opts = parse_variant(variant)
+        runs.append((label, partial(ours_step, **opts), args.ours, chunk, opts))
+    for system, step, lengths, chunk, opts in runs:
         probes = args.probe if system.startswith("rollout_dist") else []
         if not lengths and not probes:
             continue
@@ -202,19 +218,23 @@ def main():
             if rec.get("oom"):
                 break
         for T in probes:
-            probe_memory(model, opt, T, chunk, args.probe_chunks)
+            probe_memory(model, opt, T, chunk, args.probe_chunks, opts)
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
     hf = {r["T"]: r["tok_s"] for r in RECORDS if r.get("system") == "hf_fullseq" and "tok_s" in r}
-    print("\nsystem                 chunk  T         tok/s     vs HF  MFU    peak GiB  step s")
+    print("\nsystem                               chunk  T         tok/s     vs HF  MFU    peak GiB  step s")
     for r in RECORDS:
         if "T" in r and "warmup" not in r["system"] and "probe" not in r["system"]:
             ratio = f"{r['tok_s'] / hf[r['T']]:.2f}x" if "tok_s" in r and r["T"] in hf else "-"
-            print(f"{r['system']:<22} {str(r.get('chunk') or '-'):<6} {r['T']:<9} "
+            print(f"{r['system']:<36} {str(r.get('chunk') or '-'):<6} {r['T']:<9} "
                   f"{r.get('tok_s', 'OOM' if r.get('oom') else '-'):<9} {ratio:<6} {r.get('mfu', '-'):<6} "
                   f"{r.get('peak_mem_gib', '-'):<9} {r.get('step_s', '-')}")
-
+    for r in RECORDS:
+        if r.get("system") == "rollout_dist_probe":
+            opts = "+".join(f"{k}={v}" for k, v in r.items() if k in ("attention", "offload", "vocab_tile"))
+            print(f"probe {opts:<30} {r['chunk']:<6} {r['T']:<9} {'fits' if r.get('fits') else 'OOM':<9} "
+                  f"{'':<6} {'':<6} {r.get('peak_mem_gib', '-'):<9} backward chunk s {r.get('backward_chunk_s')}")
 
 if __name__ == "__main__":
     main()

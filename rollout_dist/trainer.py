@@ -143,10 +143,13 @@ class Trainer:
         if self.cfg.checkpoint.resume:
             self._load_checkpoint()
         r = self.data_report
-        log.info("model: %s, %.2fM parameters, %s on %s; rollout: %s, chunk_size %d",
-                 type(self.model).__name__, sum(p.numel() for p in self.model.parameters()) / 1e6,
-                 str(self.model.dtype).replace("torch.", ""), self.device, self.cfg.rollout.mode,
-                 self.cfg.rollout.chunk_size)
+        ro, tr = self.cfg.rollout, self.cfg.trainer
+        log.info("model: %s, %.2fM parameters, %s on %s; rollout: %s, chunk_size %d, K/V offload %s%s; "
+                 "ZeRO stage %d%s", type(self.model).__name__,
+                 sum(p.numel() for p in self.model.parameters()) / 1e6,
+                 str(self.model.dtype).replace("torch.", ""), self.device, ro.mode, ro.chunk_size, ro.offload,
+                 f", LM head in vocabulary tiles of {ro.vocab_tile}" if ro.vocab_tile else "", tr.zero_stage,
+                 f", optimizer offloaded to {tr.offload_optimizer}" if tr.offload_optimizer != "none" else "")
         log.info("data: %d documents (%d tokens) from %d file(s); %d skipped as too short; %d extra pieces from "
                  "splitting long documents; %d data-parallel replica(s)%s", r.documents, r.tokens, r.files,
                  len(r.skipped_short), r.pieces_from_splits, self.layout.dp,

@@ -48,6 +48,11 @@ def build_model(cfg: ModelConfig, device: torch.device):
             tie_word_embeddings=cfg.tie_word_embeddings, attention_dropout=cfg.attention_dropout,
             eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
             attn_implementation="sdpa", **extra)
-        model = model_cls(hf_config)
+        if device.type == "cuda":
+            # initialise on the GPU in the training dtype: in fp32 on the CPU an 8B model takes minutes and 32 GB
+            with torch.device(device):
+                model = model_cls._from_config(hf_config, dtype=dtype)
+        else:
+            model = model_cls(hf_config)
     model.config.use_cache = False
     return model.to(device=device, dtype=dtype), tokenizer

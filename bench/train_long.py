@@ -1,0 +1,162 @@
+"""Long documents through the real trainer (Hydra config, DeepSpeed engine, ZeRO / ZeRO-Offload), one GPU.
+
+For each length T: a synthetic document of T byte tokens, a Trainer composed from hydra_conf/ with the given
+overrides (e.g. ``+experiment=llama3_8b_500k``), then either ``--steps`` full optimizer steps (tokens/s, peak GPU
+memory, peak host RSS) or, with ``--probe-chunks K``, the fill pass over every chunk plus the backward of the
+last K chunks: the memory then held (all carried state, weights, optimizer, one chunk's activations) is the
+step's peak, which later chunks do not exceed.  A probe is for lengths whose whole step outlasts a device call.
+One JSON line per measurement to stdout and $OUT/train_long.jsonl.
+
+    python bench/train_long.py --tokens 131072 524288 --probe-chunks 0 3 -- +experiment=llama3_8b_500k
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from rollout_dist.config import to_train_config  # noqa: E402
+from rollout_dist.trainer import Trainer  # noqa: E402
+
+OUT = Path(os.environ.get("OUT", "/tmp"))
+
+
+class _ProbeDone(Exception):
+    pass
+
+
+def emit(rec: dict) -> None:
+    line = json.dumps(rec)
+    print(line, flush=True)
+    with open(OUT / "train_long.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def host_peak_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)  # ru_maxrss is KiB on Linux
+
+
+def write_document(directory: Path, tokens: int, seed: int = 0) -> None:
+    """T bytes of word-like ASCII: T tokens for the byte tokenizer."""
+    rng = random.Random(seed)
+    words = ["the", "contract", "party", "shall", "annual", "report", "patient", "record", "log", "line", "of",
+             "and", "to", "in", "page", "section", "term", "notice", "amount", "date"]
+    parts, n = [], 0
+    while n < tokens:
+        w = rng.choice(words) + " "
+        parts.append(w)
+        n += len(w)
+    (directory / "doc.txt").write_text("".join(parts)[:tokens])
+
+
+def trainer_for(tokens: int, overrides: list[str], workdir: Path, steps: int) -> Trainer:
+    data = workdir / f"data_{tokens}"
+    data.mkdir()
+    write_document(data, tokens)
+    with initialize_config_dir(config_dir=str(ROOT / "hydra_conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"data.path={data}", f"checkpoint.dir={workdir / f'run_{tokens}'}",
+                                           f"trainer.max_steps={steps}", "trainer.grad_accum=1",
+                                           "trainer.tensorboard=false", "checkpoint.save_final=false",
+                                           "data.shuffle=false", "data.max_doc_tokens=null"])
+    return Trainer(to_train_config(cfg))
+
+
+def run_length(tokens: int, overrides: list[str], steps: int, probe_chunks: int, workdir: Path) -> dict:
+    trainer = trainer_for(tokens, overrides, workdir, max(steps, 1))
+    trainer.setup()
+    cfg = trainer.cfg
+    rec = {"T": tokens, "model": cfg.model.name, "chunk": cfg.rollout.chunk_size, "offload": cfg.rollout.offload,
+           "vocab_tile": cfg.rollout.vocab_tile, "zero_stage": cfg.trainer.zero_stage,
+           "offload_optimizer": cfg.trainer.offload_optimizer, "attention": cfg.rollout.attention,
+           "keep_attention": cfg.rollout.keep_attention, "overrides": overrides,
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    mc = trainer.model.config
+    flops = 6 * n_params * tokens + 6 * mc.num_hidden_layers * mc.hidden_size * tokens ** 2
+    try:
+        if probe_chunks:
+            rec.update(probe(trainer, probe_chunks))
+        else:
+            stats = [trainer.train_step() for _ in range(steps)]
+            best = min(stats, key=lambda s: s.seconds)
+            rec.update(mode="steps", steps=len(stats), step_s=round(best.seconds, 2),
+                       tok_s=round(best.tokens_per_s, 1), model_tflops=round(flops / best.seconds / 1e12, 1),
+                       loss=round(stats[-1].loss, 4), peak_mem_gib=round(max(s.peak_mem_gib for s in stats), 2))
+    except torch.OutOfMemoryError as err:
+        rec.update(oom=True, error=str(err).splitlines()[0])
+    rec["host_peak_rss_gib"] = host_peak_gib()
+    emit(rec)
+    return rec
+
+
+def probe(trainer: Trainer, chunks: int) -> dict:
+    engine, real = trainer.engine, trainer.engine.backward
+    times: list[float] = []
+
+    def backward(loss, *args, **kwargs):
+        out = real(loss, *args, **kwargs)
+        _sync()
+        times.append(time.perf_counter())
+        if len(times) == chunks:
+            raise _ProbeDone
+        return out
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    engine.backward = backward
+    t0 = time.perf_counter()
+    try:
+        trainer.accumulate([trainer.docs[0]])
+    except _ProbeDone:
+        pass
+    finally:
+        engine.backward = real
+    return {"mode": "probe", "backward_chunks": len(times), "fits": len(times) == chunks,
+            "fill_and_first_backward_s": round(times[0] - t0, 1) if times else None,
+            "backward_chunk_s": [round(b - a, 2) for a, b in zip(times, times[1:])],
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else 0.0}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", required=True, help="document lengths")
+    ap.add_argument("--probe-chunks", type=int, nargs="*", default=[0],
+                    help="per length (the last value repeats): 0 = full steps, K = fill + K backward chunks")
+    ap.add_argument("--steps", type=int, default=2, help="full steps per length (the fastest is reported)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, after --")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    probes = args.probe_chunks + [args.probe_chunks[-1]] * len(args.tokens)
+    if len(args.tokens) > 1:  # one process per length: nothing of one length's engine stays for the next
+        for tokens, k in zip(args.tokens, probes):
+            subprocess.run([sys.executable, __file__, "--tokens", str(tokens), "--probe-chunks", str(k),
+                            "--steps", str(args.steps), "--", *args.overrides], check=False)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        records = [run_length(args.tokens[0], args.overrides, args.steps, probes[0], Path(tmp))]
+    print("\nmodel        T          mode    tok/s     step s   GPU peak GiB  host RSS GiB")
+    for r in records:
+        print(f"{r['model']:<12} {r['T']:<10} {r.get('mode', 'OOM'):<7} {r.get('tok_s', '-'):<9} "
+              f"{r.get('step_s', '-'):<8} {r.get('peak_mem_gib', '-'):<13} {r['host_peak_rss_gib']}")
+
+
+if __name__ == "__main__":
+    main()

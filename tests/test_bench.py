@@ -1,0 +1,22 @@
+"""The long-document trainer benchmark runs end to end (on CPU here; its figures come from GPU runs)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_long_steps_and_probe_write_json(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    cmd = [sys.executable, str(ROOT / "bench" / "train_long.py"), "--tokens", "300", "500", "--probe-chunks", "0",
+           "3", "--steps", "1", "--", "model=tiny", "rollout.chunk_size=64", "trainer.device=cpu",
+           "rollout.offload=kv", "rollout.vocab_tile=100"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "train_long.jsonl").read_text().splitlines()]
+    assert [(r["T"], r["mode"]) for r in records] == [(300, "steps"), (500, "probe")]
+    steps, probe = records
+    assert steps["tok_s"] > 0 and steps["loss"] > 0 and steps["offload"] == "kv" and steps["vocab_tile"] == 100
+    assert probe["fits"] and probe["backward_chunks"] == 3 and len(probe["backward_chunk_s"]) == 2
