@@ -66,3 +66,15 @@ def total_rel_error(grads, ref):
     num = sum(((grads[n].double() - g.double()) ** 2).sum() for n, g in ref.items())
     den = sum((g.double() ** 2).sum() for g in ref.values())
     return (num / den).sqrt().item()
+
+
+_PROCESS_GROUP_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> dict:
+    """Environment for a child process: without the process-group variables an in-process trainer of an earlier
+    test set (its TCP store still listens on MASTER_PORT), plus ``extra``."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in _PROCESS_GROUP_VARS}
+    env.update(extra)
+    return env

@@ -1,15 +1,16 @@
 """The long-document trainer benchmark runs end to end (on CPU here; its figures come from GPU runs)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_long_steps_and_probe_write_json(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
+    env = child_env(OUT=str(tmp_path))
     cmd = [sys.executable, str(ROOT / "bench" / "train_long.py"), "--tokens", "300", "500", "--probe-chunks", "0",
            "3", "--steps", "1", "--", "model=tiny", "rollout.chunk_size=64", "trainer.device=cpu",
            "rollout.offload=kv", "rollout.vocab_tile=100"]

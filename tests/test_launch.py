@@ -1,18 +1,19 @@
 """The command users run: ``python launch/train.py [overrides]`` (what ``deepspeed launch/train.py`` starts)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
 
 
 def run(*overrides, cwd):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = child_env(PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     proc = subprocess.run([sys.executable, str(TRAIN), *overrides], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)

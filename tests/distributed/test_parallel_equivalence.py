@@ -5,7 +5,6 @@ grad_accum=2; dp=2: one document per replica).  Gradient clipping is set low eno
 gradient norm across stages and replicas is checked too.  Losses and final weights are compared in float32.
 """
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from tests.helpers import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
@@ -33,7 +34,7 @@ def train(run_dir, docs, nproc, *overrides, launcher="torchrun"):
     common = [f"data.path={docs}", "model.num_layers=4", "rollout.chunk_size=48", "trainer.max_steps=2",
               "trainer.warmup_steps=0", "trainer.grad_clip=0.05", "trainer.device=cpu", "trainer.log_every=1",
               "trainer.tensorboard=false", f"checkpoint.dir={run_dir}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if nproc == 1:
