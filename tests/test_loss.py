@@ -3,18 +3,8 @@ import pytest
 import torch
 
 from rollout_dist import ExactRollout
-from rollout_dist.engine.loss import (
-    IGNORE_INDEX,
-    cross_entropy_sum,
-    head_cross_entropy_sum,
-)
-from tests.helpers import (
-    VOCAB,
-    grads_of,
-    reference_loss_and_grads,
-    tiny_model,
-    worst_rel_error,
-)
+from rollout_dist.engine.loss import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy_sum
+from tests.helpers import VOCAB, grads_of, reference_loss_and_grads, tiny_model, worst_rel_error
 
 
 def _head_case(dtype, bias: bool, seed=0):

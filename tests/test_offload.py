@@ -5,14 +5,7 @@ import torch
 from rollout_dist import ExactRollout, chunked_forward_backward
 from rollout_dist.model import CausalLMAdapter
 from rollout_dist.model.offload import LayerRing, OffloadedKVState
-from tests.helpers import (
-    VOCAB,
-    grads_of,
-    reference_loss_and_grads,
-    tiny_model,
-    total_rel_error,
-    worst_rel_error,
-)
+from tests.helpers import VOCAB, grads_of, reference_loss_and_grads, tiny_model, total_rel_error, worst_rel_error
 
 F64_GRAD_TOL = 1e-9
 
