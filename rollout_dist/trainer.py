@@ -23,8 +23,9 @@ from .config import ConfigError, TrainConfig
 from .data import Document, DocumentOrder, load_documents
 from .ds_config import deepspeed_config
 from .engine import ExactRollout
-from .model import stage_layer_counts, stage_state_dict, trim_to_stage
+from .model import CausalLMAdapter, stage_layer_counts, stage_state_dict, trim_to_stage
 from .model.build import build_model
+from .model.offload import check_host_memory
 from .parallel import PipelineRollout, RankLayout
 from .parallel.launch import init_distributed, resolve_device
 from .planning.spans import load_planned_spans
@@ -77,6 +78,14 @@ class Trainer:
                                     vocab_tile=cfg.rollout.vocab_tile)
         self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)
                               if cfg.data.chunk_index else None)
+        if cfg.rollout.offload != "none" and self.docs:
+            longest = max(len(d.input_ids) for d in self.docs)
+            per_token = CausalLMAdapter(self.model).kv_bytes_per_token() * (2 if cfg.rollout.offload == "all" else 1)
+            try:
+                check_host_memory(per_token * longest, f"rollout.offload={cfg.rollout.offload} for the longest "
+                                  f"document ({longest} tokens)")
+            except MemoryError as err:
+                raise ConfigError(str(err)) from None
         self.engine = None
         self.step = 0
 

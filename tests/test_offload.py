@@ -4,7 +4,7 @@ import torch
 
 from rollout_dist import ExactRollout, chunked_forward_backward
 from rollout_dist.model import CausalLMAdapter
-from rollout_dist.model.offload import LayerRing, OffloadedKVState
+from rollout_dist.model.offload import LayerRing, OffloadedKVState, check_host_memory
 from tests.helpers import VOCAB, grads_of, reference_loss_and_grads, tiny_model, total_rel_error, worst_rel_error
 
 F64_GRAD_TOL = 1e-9
@@ -97,6 +97,16 @@ def test_ring_keeps_the_slot_in_use_and_restages_evicted_layers():
     assert float(ring.host[1][0, 7, 0, 0]) == 7.0 and float(ring.host[1][0, 8, 0, 0]) == 1.0
     with pytest.raises(ValueError, match="at least 2 slots"):
         LayerRing(num_layers=3, shape=(1, 4, 1, 2), dtype=torch.float64, device=torch.device("cpu"), slots=1)
+
+
+def test_offload_larger_than_host_memory_is_refused_with_figures(monkeypatch):
+    with pytest.raises(MemoryError, match=r"needs 100.0 GiB of host memory but 64.0 GiB are available"):
+        check_host_memory(100 * 2**30, "rollout.offload=all", available=64 * 2**30)
+    check_host_memory(10 * 2**30, "rollout.offload=kv", available=64 * 2**30)
+    model = tiny_model("llama")
+    monkeypatch.setattr("rollout_dist.model.offload.available_host_bytes", lambda: 1000)
+    with pytest.raises(MemoryError, match="rollout.offload=kv for 1 x 4096 tokens and 2 layers"):
+        CausalLMAdapter(model).new_state(1, 4096, offload="kv")
 
 
 def test_bad_offload_mode_is_named():

@@ -152,3 +152,10 @@ def test_resume_from_a_training_checkpoint_continues_the_same_run(tmp_path):
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="holds no training checkpoint"):
         make_trainer(tmp_path, resume=True)
+
+
+def test_offload_beyond_host_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr("rollout_dist.model.offload.available_host_bytes", lambda: 4096)
+    with pytest.raises(ConfigError, match=r"rollout.offload=all for the longest document \(\d+ tokens\)"):
+        make_trainer(tmp_path, offload="all")
+    assert not (tmp_path / "run").exists()

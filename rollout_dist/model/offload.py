@@ -36,6 +36,27 @@ def _unregister(ptrs: list[int]) -> None:
         cudart.cudaHostUnregister(ptr)
 
 
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(nbytes: int, what: str, available: int | None = None) -> None:
+    """Refuses, with the figures, an offload that would not fit in the host memory available now."""
+    available = available_host_bytes() if available is None else available
+    if available is not None and nbytes > 0.9 * available:
+        raise MemoryError(f"{what} needs {nbytes / 2**30:.1f} GiB of host memory but {available / 2**30:.1f} GiB "
+                          "are available; use rollout.offload=kv (dK/dV stay on the GPU) instead of all, a "
+                          "shorter document (data.max_doc_tokens), or a host with more memory")
+
+
 def host_buffers(count: int, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool, zero: bool,
                  owner: object) -> list[torch.Tensor]:
     """``count`` host tensors of ``shape``; page-locked when ``pinned`` so device copies run asynchronously.
@@ -185,6 +206,9 @@ class OffloadedKVState(KVState):
         super().__init__(keys=[], values=[], layer_offset=layer_offset)
         self.mode, self.num_layers = mode, num_layers
         self._shape, self._dtype, self._device = (batch, length, kv_heads, head_dim), dtype, device
+        per_kind = num_layers * batch * length * kv_heads * head_dim * dtype.itemsize
+        check_host_memory(per_kind * (4 if mode == "all" else 2),
+                          f"rollout.offload={mode} for {batch} x {length} tokens and {num_layers} layers")
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.rings = {kind: LayerRing(num_layers, self._shape, dtype, device, slots=slots, stream=stream)
                       for kind in ("k", "v")}
