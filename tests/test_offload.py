@@ -4,7 +4,7 @@ import torch
 
 from rollout_dist import ExactRollout, chunked_forward_backward
 from rollout_dist.model import CausalLMAdapter
-from rollout_dist.model.offload import LayerRing, OffloadedKVState, check_host_memory
+from rollout_dist.model.offload import HOST_POOL, HostPool, LayerRing, OffloadedKVState, check_host_memory
 from tests.helpers import VOCAB, grads_of, reference_loss_and_grads, tiny_model, total_rel_error, worst_rel_error
 
 F64_GRAD_TOL = 1e-9
@@ -107,6 +107,30 @@ def test_offload_larger_than_host_memory_is_refused_with_figures(monkeypatch):
     monkeypatch.setattr("rollout_dist.model.offload.available_host_bytes", lambda: 1000)
     with pytest.raises(MemoryError, match="rollout.offload=kv for 1 x 4096 tokens and 2 layers"):
         CausalLMAdapter(model).new_state(1, 4096, offload="kv")
+
+
+def test_host_buffers_are_reused_between_rollouts():
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(25))
+    chunked_forward_backward(model, ids, chunk_size=8, offload="all")
+    allocated = HOST_POOL.allocated
+    chunked_forward_backward(model, ids[:, :20], chunk_size=8, offload="all")  # shorter: fits the same buffers
+    assert HOST_POOL.allocated == allocated
+    expected = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    chunked_forward_backward(model, ids, chunk_size=8)
+    chunked_forward_backward(model, ids[:, :20], chunk_size=8)
+    assert total_rel_error(grads_of(model), expected) <= 1e-12  # reused (dirty) buffers change nothing
+
+
+def test_pool_releases_smaller_buffers_before_growing():
+    pool = HostPool()
+    a, b = pool.take(100, pinned=False), pool.take(200, pinned=False)
+    pool.give([a, b])
+    assert pool.take(150, pinned=False) is b and pool.allocated == 2
+    pool.give([b])
+    big = pool.take(1000, pinned=False)  # nothing fits: the smaller free buffers are released first
+    assert big.numel() == 1000 and pool.free_bytes == 0 and pool.allocated == 3
 
 
 def test_bad_offload_mode_is_named():

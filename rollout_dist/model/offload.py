@@ -18,6 +18,7 @@ the same.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 
 import torch
@@ -28,12 +29,6 @@ log = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("none", "kv", "all")
 """none: everything on the device; kv: K/V on the host, dK/dV on the device; all: K/V and dK/dV on the host."""
-
-
-def _unregister(ptrs: list[int]) -> None:
-    cudart = torch.cuda.cudart()
-    for ptr in ptrs:
-        cudart.cudaHostUnregister(ptr)
 
 
 def available_host_bytes() -> int | None:
@@ -57,28 +52,65 @@ def check_host_memory(nbytes: int, what: str, available: int | None = None) -> N
                           "shorter document (data.max_doc_tokens), or a host with more memory")
 
 
-def host_buffers(count: int, shape: tuple[int, ...], dtype: torch.dtype, pinned: bool, zero: bool,
-                 owner: object) -> list[torch.Tensor]:
-    """``count`` host tensors of ``shape``; page-locked when ``pinned`` so device copies run asynchronously.
+class HostPool:
+    """Host buffers for offloaded state, page-locked on CUDA machines and kept for reuse between rollouts.
 
-    Page-locking registers ordinary allocations (cudaHostRegister) instead of using PyTorch's pinned allocator,
-    which rounds every request up to a power of two (up to 2x the host memory at these sizes).  Registrations
-    are released when ``owner`` is collected."""
-    tensors = [torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype) for _ in range(count)]
-    if not pinned:
-        return tensors
-    cudart, ptrs = torch.cuda.cudart(), []
-    for t in tensors:
-        err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-        if int(err) != 0:
-            _unregister(ptrs)
-            nbytes = count * tensors[0].numel() * tensors[0].element_size()
-            raise RuntimeError(f"could not page-lock {nbytes / 2**30:.1f} GiB of host memory for offloaded K/V "
-                               f"(cudaHostRegister error {int(err)}); shorten the document, use fewer offloaded "
-                               "buffers (rollout.offload=kv instead of all) or raise the memlock limit")
-        ptrs.append(t.data_ptr())
-    weakref.finalize(owner, _unregister, ptrs)
-    return tensors
+    Page-locking tens of GiB takes seconds, so a training loop should not pay it per document.  Buffers are
+    registered with cudaHostRegister instead of coming from PyTorch's pinned allocator, which rounds every request
+    up to a power of two (up to 2x the host memory at these sizes).  A buffer comes back to the pool when its
+    user is done (``give``); when no free buffer is large enough, smaller free ones are released first, so what
+    the pool holds stays near the largest document's need.
+    """
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []  # flat uint8 buffers, registered when pinned
+        self._pinned: dict[int, bool] = {}
+        self.allocated = 0  # buffers allocated so far (tests check reuse)
+
+    def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        fitting = [b for b in self._free if b.numel() >= nbytes and self._pinned[b.data_ptr()] == pinned]
+        if fitting:
+            buf = min(fitting, key=torch.Tensor.numel)
+            self._free = [b for b in self._free if b is not buf]
+            return buf
+        for small in [b for b in self._free if b.numel() < nbytes]:
+            self._release(small)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if pinned:
+            err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"could not page-lock {nbytes / 2**30:.1f} GiB of host memory for offloaded "
+                                   f"K/V (cudaHostRegister error {int(err)}); shorten the document, offload less "
+                                   "(rollout.offload=kv instead of all) or use a host with more memory")
+        self._pinned[buf.data_ptr()] = pinned
+        self.allocated += 1
+        return buf
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(b.numel() for b in self._free)
+
+    def give(self, buffers: list[torch.Tensor]) -> None:
+        self._free.extend(buffers)
+
+    def _release(self, buf: torch.Tensor) -> None:
+        self._free = [b for b in self._free if b is not buf]
+        if self._pinned.pop(buf.data_ptr()):
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+
+    def clear(self) -> None:
+        """Releases every free buffer (page-locked memory goes back to the system)."""
+        for buf in list(self._free):
+            self._release(buf)
+
+
+HOST_POOL = HostPool()
+
+
+def _give_back(pool: HostPool, buffers: list[torch.Tensor], stream) -> None:
+    if stream is not None:
+        stream.synchronize()  # no copy may still be writing into a buffer the next user gets
+    pool.give(buffers)
 
 
 class LayerRing:
@@ -94,9 +126,16 @@ class LayerRing:
                  slots: int = 2, zero: bool = False, stream: torch.cuda.Stream | None = None):
         if slots < 2:
             raise ValueError(f"a layer ring needs at least 2 slots (one in use, one filling); got {slots}")
-        cuda = device.type == "cuda"
         self.device, self.stream = device, stream
-        self.host = host_buffers(num_layers, shape, dtype, pinned=cuda, zero=zero, owner=self)
+        numel = math.prod(shape)
+        flats = [HOST_POOL.take(numel * dtype.itemsize, pinned=device.type == "cuda") for _ in range(num_layers)]
+        self.host = [f[:numel * dtype.itemsize].view(dtype).view(shape) for f in flats]
+        self._host_bytes = num_layers * numel * dtype.itemsize
+        if zero:
+            for t in self.host:
+                t.zero_()
+        # the buffers return to the pool when the ring is closed or collected, after its copies finished
+        self.release = weakref.finalize(self, _give_back, HOST_POOL, flats, stream)
         self.slots = [torch.empty(shape, dtype=dtype, device=device) for _ in range(slots)]
         self._layer: list[int | None] = [None] * slots
         self._valid = [0] * slots  # slot i holds layer _layer[i] on [0, _valid[i])
@@ -107,7 +146,7 @@ class LayerRing:
 
     @property
     def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.host)
+        return self._host_bytes
 
     @property
     def device_bytes(self) -> int:
@@ -191,6 +230,11 @@ class LayerRing:
         if self.stream is not None:
             self.stream.synchronize()
 
+    def close(self) -> None:
+        """Waits for the ring's copies and returns its host buffers to the pool (the ring is unusable after)."""
+        self.release()
+        self.host = []
+
 
 class OffloadedKVState(KVState):
     """``KVState`` whose K/V (``mode="kv"``), or K/V and dK/dV (``mode="all"``), live in host memory.
@@ -207,8 +251,10 @@ class OffloadedKVState(KVState):
         self.mode, self.num_layers = mode, num_layers
         self._shape, self._dtype, self._device = (batch, length, kv_heads, head_dim), dtype, device
         per_kind = num_layers * batch * length * kv_heads * head_dim * dtype.itemsize
+        available = available_host_bytes()
         check_host_memory(per_kind * (4 if mode == "all" else 2),
-                          f"rollout.offload={mode} for {batch} x {length} tokens and {num_layers} layers")
+                          f"rollout.offload={mode} for {batch} x {length} tokens and {num_layers} layers",
+                          None if available is None else available + HOST_POOL.free_bytes)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.rings = {kind: LayerRing(num_layers, self._shape, dtype, device, slots=slots, stream=stream)
                       for kind in ("k", "v")}
@@ -322,4 +368,4 @@ class OffloadedKVState(KVState):
 
     def close(self) -> None:
         for ring in (*self.rings.values(), *self.grad_rings.values()):
-            ring.synchronize()
+            ring.close()
