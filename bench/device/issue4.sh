@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 4 on the device tool's machines. Needs .whl/ (../shared/device/make-wheels.sh) carried with each call.
+#   bash bench/device/issue4.sh quick     # one H200, < 10 min: GPU tests of offload/tiles, speed variants vs HF
+#   bash bench/device/issue4.sh start2m   # one H200: starts the 2M-token offload probe detached (about 20 min)
+#   bash bench/device/issue4.sh start8b   # 2x H200 host (256 GiB RAM, one GPU used): Llama-3-8B, 128K steps + 512K probe
+#   bash bench/device/issue4.sh poll      # copies what the detached run wrote so far to $OUT
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export TORCH_CUDA_ARCH_LIST=9.0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LONG=/tmp/issue4_long   # survives between calls while the machine is held
+
+detach() {  # a new process session outlives the call (device README); its files stay in $LONG
+  mkdir -p "$LONG"
+  OUT=$LONG setsid nohup "$@" > "$LONG/log" 2>&1 < /dev/null &
+  echo "started pid $! -> $LONG"
+}
+
+case "${1:-quick}" in
+  quick)
+    python -m pytest -q -m gpu tests/test_offload.py tests/test_exact.py tests/test_split_attention.py \
+      2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    python bench/rollout_vs_hf.py --hf 131072 --ours 131072 --steps 1 --budget 420 \
+      --variants cudnn:16384 cudnn+keep:16384 cudnn+keep+vt8192:32768 cudnn+kv:16384 cudnn+all:16384
+    ;;
+  start2m)
+    detach python bench/rollout_vs_hf.py --hf --ours --variants cudnn+kv:16384 --probe 2097152 --budget 3000 ;;
+  start8b)
+    detach python bench/train_long.py --tokens 131072 524288 --probe-chunks 0 3 --steps 1 -- +experiment=llama3_8b_500k ;;
+  poll)
+    cp -r "$LONG"/. "$OUT"/ 2>/dev/null; tail -5 "$LONG/log"; nvidia-smi --query-gpu=memory.used --format=csv ;;
+esac
