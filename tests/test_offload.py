@@ -142,17 +142,21 @@ def test_bad_offload_mode_is_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and copy streams need a CUDA GPU")
 @pytest.mark.parametrize("mode", ["kv", "all"])
 @pytest.mark.parametrize("attention", ["cudnn", "flash", "sdpa"])
-def test_gpu_offload_bit_identical_to_device_state(mode, attention):
-    """On the GPU the copies run on a side stream; a missing wait shows up as different gradients."""
+def test_gpu_offload_equals_device_state(mode, attention):
+    """On the GPU the copies run on a side stream; a missing wait reads another layer's (or stale) K/V and moves
+    the gradients far more than the run-to-run noise of the kernels (FA2's backward accumulates with atomics)."""
     model = tiny_model("llama", dtype=torch.float32, hidden_size=256, intermediate_size=512,
                        num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=5,
                        max_position_embeddings=8192).cuda().to(torch.bfloat16)
     ids = torch.randint(0, VOCAB, (1, 4000), generator=torch.Generator().manual_seed(24)).cuda()
-    chunked_forward_backward(model, ids, chunk_size=512, attention=attention)
-    expected = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    result = chunked_forward_backward(model, ids, chunk_size=512, attention=attention, offload=mode)
-    got = grads_of(model)
-    for name, g in expected.items():
-        assert torch.equal(got[name], g), (mode, attention, name)
-    assert result.state_bytes < 5 * 2 * 4000 * 2 * 32 * 2  # less than the device-resident K/V
+    runs = []
+    for offload in ("none", "none", mode):
+        result = chunked_forward_backward(model, ids, chunk_size=512, attention=attention, offload=offload)
+        runs.append((result, grads_of(model)))
+        model.zero_grad(set_to_none=True)
+    noise = total_rel_error(runs[1][1], runs[0][1])
+    err = total_rel_error(runs[2][1], runs[0][1])
+    assert err <= max(3 * noise, 1e-3), (mode, attention, err, noise)
+    assert runs[2][0].loss == pytest.approx(runs[0][0].loss, rel=1e-3)
+    device_kv = 5 * 2 * 4000 * 2 * 32 * 2  # K and V of 5 layers, (1, 4000, 2, 32) bf16
+    assert runs[2][0].state_bytes < runs[0][0].state_bytes - device_kv // 2
