@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from rollout_dist import chunked_forward_backward  # noqa: E402
+from rollout_dist.engine.memory import activation_bytes_per_token, estimate_peak  # noqa: E402
+from rollout_dist.model import CausalLMAdapter  # noqa: E402
 
 SHAPES = {
     "tinyllama_1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -102,6 +104,22 @@ def _peak_gib() -> float:
     return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
 
 
+_ACTIVATION_PER_TOKEN: dict[int, int] = {}
+
+
+def predicted_gib(model, T, chunk, opts) -> float:
+    """The memory model's peak (rollout_dist/engine/memory.py), to set beside the measured one."""
+    adapter = CausalLMAdapter(model)
+    if id(model) not in _ACTIVATION_PER_TOKEN:
+        _ACTIVATION_PER_TOKEN[id(model)] = activation_bytes_per_token(adapter)
+    fixed = (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) + sum(
+        p.numel() * p.element_size() for p in model.parameters() if p.grad is None)  # gradients come back
+    est = estimate_peak(adapter, T, chunk, fixed=fixed, offload=opts.get("offload", "none"),
+                        keep_attention=opts.get("keep_attention", False), vocab_tile=opts.get("vocab_tile", 0),
+                        activation_per_token=_ACTIVATION_PER_TOKEN[id(model)])
+    return round(est.total / 2 ** 30, 2)
+
+
 class _ProbeDone(Exception):
     pass
 
@@ -125,7 +143,7 @@ def probe_memory(model, opt, T, chunk, backward_chunks, opts):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     rec = {"system": "rollout_dist_probe", "T": T, "chunk": chunk, "gpu": torch.cuda.get_device_name(),
-           "backward_chunks": backward_chunks, **opts}
+           "backward_chunks": backward_chunks, **opts, "predicted_peak_gib": predicted_gib(model, T, chunk, opts)}
     t0 = time.time()
     try:
         ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
@@ -143,7 +161,7 @@ def probe_memory(model, opt, T, chunk, backward_chunks, opts):
     return rec
 
 
-def measure(system, step, model, opt, T, chunk, peak, steps, deadline):
+def measure(system, step, model, opt, T, chunk, peak, steps, deadline, opts=None):
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     flops = 6 * n_params * T + 6 * cfg.num_hidden_layers * cfg.hidden_size * T * T
@@ -152,6 +170,8 @@ def measure(system, step, model, opt, T, chunk, peak, steps, deadline):
     torch.cuda.reset_peak_memory_stats()
     rec = {"system": system, "T": T, "chunk": chunk,
            "gpu": torch.cuda.get_device_name()}
+    if opts is not None:  # a rollout_dist variant: the memory model's prediction beside the measured peak
+        rec["predicted_peak_gib"] = predicted_gib(model, T, chunk, opts)
     try:
         ids = torch.randint(0, cfg.vocab_size, (1, T), device="cuda")
         times = []
@@ -209,12 +229,13 @@ def main():
             model.gradient_checkpointing_enable()
         # the warm-up step also creates the optimizer states, so later peaks include them
         warm = min(lengths[0], 8192) if lengths else 8192
+        ours = None if system == "hf_fullseq" else opts
         measure(system + "_warmup", step, model, opt, warm, chunk, peak, 1, deadline)
         for T in lengths:
             if time.time() > deadline:
                 emit({"system": system, "T": T, "skipped": "time budget"})
                 continue
-            rec = measure(system, step, model, opt, T, chunk, peak, args.steps, deadline)
+            rec = measure(system, step, model, opt, T, chunk, peak, args.steps, deadline, ours)
             if rec.get("oom"):
                 break
         for T in probes:

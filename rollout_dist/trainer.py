@@ -23,6 +23,7 @@ from .config import ConfigError, TrainConfig
 from .data import Document, DocumentOrder, load_documents
 from .ds_config import deepspeed_config
 from .engine import ExactRollout
+from .engine.memory import estimate_peak, fit_advice
 from .model import CausalLMAdapter, stage_layer_counts, stage_state_dict, trim_to_stage
 from .model.build import build_model
 from .model.offload import check_host_memory
@@ -165,7 +166,26 @@ class Trainer:
                  ", balanced by tokens and T^2" if type(self.order).__name__ == "BalancedSharder" else "")
         if par.pp > 1:
             log.info("pipeline: %d stages, decoder layers per stage %s", par.pp, counts)
+        if self.device.type == "cuda":
+            self._check_memory()
         log.info("run directory: %s", self.run_dir.resolve())
+
+    def _check_memory(self, capacity: int | None = None) -> None:
+        """Predicts the peak GPU memory of the longest document (engine/memory.py) and warns, with what to
+        change, if it would not fit: the peak comes at the first backward chunk, after the whole fill pass."""
+        ro = self.cfg.rollout
+        longest = max(len(d.input_ids) for d in self.docs)
+        chunk = max((e - s for spans in self.planned_spans.values() for s, e in spans), default=ro.chunk_size) \
+            if self.planned_spans else ro.chunk_size
+        est = estimate_peak(CausalLMAdapter(self.engine.module), longest, chunk, offload=ro.offload,
+                            keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile)
+        if capacity is None:
+            capacity = torch.cuda.get_device_properties(self.device).total_memory
+        log.info("GPU memory, predicted peak for the longest document: %s of %.1f GiB", est.describe(),
+                 capacity / 2 ** 30)
+        advice = fit_advice(est, capacity, ro.offload, ro.keep_attention)
+        if advice:
+            log.warning("%s", advice)
 
     def _add_file_log(self) -> None:
         handler = logging.FileHandler(self.run_dir / "train.log")

@@ -159,3 +159,14 @@ def test_offload_beyond_host_memory_is_refused_before_anything_is_written(tmp_pa
     with pytest.raises(ConfigError, match=r"rollout.offload=all for the longest document \(\d+ tokens\)"):
         make_trainer(tmp_path, offload="all")
     assert not (tmp_path / "run").exists()
+
+
+def test_memory_check_warns_with_what_to_change(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, chunk=16)
+    trainer.setup()
+    with caplog.at_level("INFO", logger="rollout_dist"):
+        trainer._check_memory(capacity=1 << 40)
+        assert "predicted peak for the longest document" in caplog.text and "WARNING" not in caplog.text
+        trainer._check_memory(capacity=1 << 16)
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning and "rollout.offload=kv" in warning[-1] and "rollout.chunk_size" not in warning[-1]

@@ -171,13 +171,14 @@ class ExactRollout:
 
     def _rollout(self, adapter, state, input_ids, targets, spans, chunk_args, normalizer, backward):
         rng = []
+        # dK/dV first: a document whose carried state does not fit fails now, not after the whole fill pass
+        state.allocate_grads()
         with adapter.chunk_attention(self.attention):
             with torch.no_grad():
                 for s, e in spans[:-1]:  # the last chunk's K/V are needed by no later chunk
                     rng.append(_capture_rng(adapter.device))
                     adapter.forward_chunk(input_ids[:, s:e], s, state, phase="fill", **chunk_args(s, e))
             rng.append(_capture_rng(adapter.device))
-            state.allocate_grads()
             loss_sum = torch.zeros((), dtype=torch.float64, device=adapter.device)
             for (s, e), rng_state in zip(reversed(spans), reversed(rng)):
                 with _RestoredRng(rng_state, adapter.device), torch.enable_grad(), state.autograd_hooks():

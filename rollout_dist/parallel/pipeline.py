@@ -93,6 +93,7 @@ class PipelineRollout:
             if not adapter.has_embedding:
                 p2p.send(h_in.grad, lay.prev_rank)
 
+        state.allocate_grads()  # before the fill pass: fail fast where the carried state does not fit
         with adapter.chunk_attention(self.attention):
             with torch.no_grad():
                 for s, e in spans[:-1]:
@@ -101,7 +102,6 @@ class PipelineRollout:
                     if not adapter.has_head:
                         p2p.send(h, lay.next_rank)
             rng.append(_capture_rng(device))
-            state.allocate_grads()
             order = list(range(len(spans) - 1, -1, -1))
             ahead = min(lay.pp - 1 - lay.stage, len(order))
             for c in order[:ahead]:

@@ -1,0 +1,131 @@
+"""Peak GPU memory of an exact rollout step, predicted before it runs (the memory model of docs/performance.md).
+
+    peak = fixed (weights, gradients, optimizer states: what is allocated now)
+         + carried state per token · T          (K/V, dK/dV, kept attention outputs, offload slots)
+         + one chunk's saved activations and logits per chunk token · chunk_size
+         + transient copies of one layer's prefix K/V and dK/dV in the attention backward
+
+The carried state is exact arithmetic on the model shape.  A chunk's activations are counted, not guessed: a
+short probe chunk runs through the model with saved-tensor hooks that add up what autograd keeps per token.
+The step's peak is reached at its first backward chunk, after the whole fill pass, so checking it up front saves
+the time a too-long document would spend before running out of memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model import CausalLMAdapter
+
+GiB = 2 ** 30
+
+
+def state_bytes_per_token(adapter: CausalLMAdapter, offload: str = "none", keep_attention: bool = False) -> int:
+    """Device bytes per document token held by the carried state during backward."""
+    kv = adapter.kv_bytes_per_token()  # K and V of every layer
+    one_layer_kind = kv // (2 * adapter.num_layers)  # K (or V) of one layer: one offload slot per token
+    per_token = {"none": 2 * kv,  # K/V and dK/dV
+                 "kv": kv + 2 * 2 * one_layer_kind,  # dK/dV, and two slots each for K and V
+                 "all": 4 * 2 * one_layer_kind}[offload]  # two slots each for K, V, dK and dV
+    if keep_attention:  # each layer's attention output (model dtype) and fp32 log-sum-exp per query head
+        itemsize = torch.finfo(adapter.dtype).bits // 8
+        heads = adapter.model.config.num_attention_heads
+        per_token += adapter.num_layers * (adapter.hidden_size * itemsize + 4 * heads)
+    return per_token
+
+
+def logits_bytes_per_token(adapter: CausalLMAdapter, vocab_tile: int = 0) -> int:
+    """Per chunk token: logits in the model dtype, their fp32 copy, the fp32 log-softmax and the gradient back in
+    the model dtype, over the whole vocabulary or one tile of it."""
+    vocab = adapter.vocab_size if not 0 < vocab_tile < adapter.vocab_size else vocab_tile
+    itemsize = torch.finfo(adapter.dtype).bits // 8
+    return vocab * (2 * itemsize + 8)
+
+
+def activation_bytes_per_token(adapter: CausalLMAdapter, probe_tokens: int = 32) -> int:
+    """Bytes autograd keeps per chunk token through the embedding, all decoder layers and the final norm during a
+    recompute, counted on a probe chunk (after a probe prefix of the same length) on the model's own device;
+    weights and the carried buffers are not counted, nor the logits (``logits_bytes_per_token``)."""
+    with torch.random.fork_rng(devices=[adapter.device] if adapter.device.type == "cuda" else []):
+        return _count_saved_bytes(adapter, probe_tokens)
+
+
+def _count_saved_bytes(adapter: CausalLMAdapter, probe_tokens: int) -> int:
+    state = adapter.new_state(1, 2 * probe_tokens)
+    state.allocate_grads()
+    ids = torch.zeros((1, 2 * probe_tokens), dtype=torch.long, device=adapter.device)
+    skip = {t.untyped_storage().data_ptr() for t in [*state.keys, *state.values, *adapter.model.parameters()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with adapter.chunk_attention("math"):  # the reference split kernel saves what the fused ones save
+        with torch.no_grad():
+            adapter.forward_chunk(ids[:, :probe_tokens], 0, state, phase="fill")
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            adapter.forward_chunk(ids[:, probe_tokens:], probe_tokens, state, phase="recompute")
+    return -(-sum(saved.values()) // probe_tokens)
+
+
+@dataclass
+class MemoryEstimate:
+    tokens: int
+    chunk: int
+    fixed: int
+    state: int
+    chunk_activations: int
+    transient: int
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.state + self.chunk_activations + self.transient
+
+    def describe(self) -> str:
+        return (f"{self.tokens} tokens, chunk {self.chunk}: carried state {self.state / GiB:.1f} GiB + one chunk's "
+                f"activations and logits {self.chunk_activations / GiB:.1f} GiB + transient "
+                f"{self.transient / GiB:.1f} GiB + weights/optimizer allocated now {self.fixed / GiB:.1f} GiB "
+                f"= {self.total / GiB:.1f} GiB")
+
+
+def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload: str = "none",
+                  keep_attention: bool = False, vocab_tile: int = 0, fixed: int | None = None,
+                  activation_per_token: int | None = None) -> MemoryEstimate:
+    """Predicted peak device memory of one rollout of a (1, tokens) document with chunks of ``chunk`` tokens.
+
+    ``fixed`` defaults to the bytes allocated on the model's device now (0 on CPU); optimizer states that are
+    created at the first step are not in it yet."""
+    device = adapter.device
+    if fixed is None:
+        fixed = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if activation_per_token is None:
+        activation_per_token = activation_bytes_per_token(adapter)
+    chunk = min(chunk, tokens)
+    one_layer_kv = adapter.kv_bytes_per_token() // adapter.num_layers  # K and V of one layer per token
+    return MemoryEstimate(
+        tokens=tokens, chunk=chunk, fixed=fixed,
+        state=tokens * state_bytes_per_token(adapter, offload, keep_attention),
+        chunk_activations=chunk * (activation_per_token + logits_bytes_per_token(adapter, vocab_tile)),
+        transient=2 * tokens * one_layer_kv)  # one layer's prefix K/V copies and its prefix dK/dV
+
+
+def fit_advice(estimate: MemoryEstimate, capacity: int, offload: str, keep_attention: bool) -> str | None:
+    """None if ``estimate`` fits ``capacity`` with 5% to spare, else what to change."""
+    if estimate.total <= 0.95 * capacity:
+        return None
+    ways = []
+    if keep_attention:
+        ways.append("rollout.keep_attention=false")
+    if offload == "none":
+        ways.append("rollout.offload=kv")
+    elif offload == "kv":
+        ways.append("rollout.offload=all")
+    if estimate.chunk > 1024:
+        ways.append(f"rollout.chunk_size={estimate.chunk // 2}")
+    ways.append("data.max_doc_tokens to split the document")
+    return (f"predicted peak {estimate.total / GiB:.1f} GiB exceeds the GPU's {capacity / GiB:.1f} GiB "
+            f"({estimate.describe()}); try " + ", or ".join(ways))

@@ -1,0 +1,67 @@
+"""The memory model used to check a document fits before its rollout (rollout_dist/engine/memory.py)."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rollout_dist.engine.memory import (GiB, MemoryEstimate, activation_bytes_per_token, estimate_peak, fit_advice,
+                                        state_bytes_per_token)
+from rollout_dist.model import CausalLMAdapter
+from tests.helpers import tiny_model
+
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                 num_key_value_heads=4)
+
+
+def _adapter(layers, **shape):
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **shape)).to(torch.bfloat16)
+    return CausalLMAdapter(model)
+
+
+def test_state_bytes_per_token_match_the_measured_slopes_for_tinyllama():
+    adapter = _adapter(22, **TINYLLAMA)
+    # H200 slopes in docs/performance.md: 45,056 B/token measured; 138,000 measured with kept outputs
+    assert state_bytes_per_token(adapter) == 45_056
+    assert state_bytes_per_token(adapter, keep_attention=True) == 137_984
+    assert state_bytes_per_token(adapter, "kv") == 24_576
+    assert state_bytes_per_token(adapter, "all") == 4_096
+
+
+@pytest.mark.parametrize("offload", ["none", "kv", "all"])
+def test_state_bytes_per_token_equal_what_the_state_allocates(offload):
+    adapter = CausalLMAdapter(tiny_model("llama", num_hidden_layers=3))
+    state = adapter.new_state(1, 40, offload=offload)
+    state.allocate_grads()
+    assert state.nbytes == 40 * state_bytes_per_token(adapter, offload)
+
+
+def test_activation_count_matches_the_per_layer_benchmark_figure():
+    """bench/activation_bytes.py counted 90,376 bytes per token per TinyLlama layer (256-token chunk): two more
+    layers add twice that; the probe size does not matter; the probe leaves no gradients and no RNG use."""
+    counts = {}
+    for layers in (2, 4):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **{**TINYLLAMA, "vocab_size": 320}))
+        adapter = CausalLMAdapter(model.to(torch.bfloat16))
+        rng = torch.get_rng_state()
+        counts[layers] = activation_bytes_per_token(adapter, probe_tokens=16)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(p.grad is None for p in model.parameters())
+    assert abs((counts[4] - counts[2]) - 2 * 90_376) <= 0.01 * 2 * 90_376, counts
+    assert activation_bytes_per_token(adapter, probe_tokens=48) == counts[4]
+
+
+def test_estimate_adds_up_and_advice_names_what_to_change():
+    adapter = _adapter(22, **TINYLLAMA)
+    est = estimate_peak(adapter, 1_048_576, 16384, fixed=8 * GiB, activation_per_token=1_988_272)
+    assert est.state == 1_048_576 * 45_056 and est.total == est.fixed + est.state + est.chunk_activations + \
+        est.transient
+    # H200 probe at 1M tokens, chunk 16384: 91.76 GiB measured (bench/results/2026-11-23_h200_probe_1m.jsonl)
+    assert 85 * GiB < est.total < 95 * GiB, est.describe()
+    assert fit_advice(est, 139 * GiB, "none", False) is None
+    advice = fit_advice(est, 80 * GiB, "none", True)
+    assert "exceeds the GPU's 80.0 GiB" in advice and "rollout.offload=kv" in advice
+    assert "rollout.keep_attention=false" in advice and "rollout.chunk_size=8192" in advice
+    tiled = estimate_peak(adapter, 1_048_576, 16384, fixed=0, activation_per_token=0, vocab_tile=4096)
+    assert tiled.chunk_activations == 16384 * 4096 * 12
+    assert isinstance(est, MemoryEstimate)
