@@ -106,7 +106,9 @@ class RolloutConfig:
     mode: str = "exact"
     """exact: chunks attend to all earlier K/V and gradients equal full-sequence training."""
     chunk_size: int = 512
-    """Tokens per chunk. Activation memory scales with it; the K/V of the whole document are kept."""
+    """Tokens per chunk. Activation memory scales with it; the K/V of the whole document are kept. 0: picked at
+    start-up as the largest of 128 ... 32768 whose predicted peak for the longest document stays within 90% of
+    the GPU's memory (rollout_dist/engine/memory.py; larger chunks run faster); 512 on CPU."""
     attention: str = "auto"
     """Chunk-attention kernel: auto (cuDNN fused attention on CUDA in bf16/fp16, PyTorch SDPA elsewhere), sdpa,
     cudnn, flash (FA2) or math (plain torch, a reference). Dropout and sliding windows always use sdpa."""
@@ -123,7 +125,9 @@ class RolloutConfig:
     never exist whole (e.g. 16384 for 128K-token vocabularies and long chunks). 0: the plain head."""
 
     def __post_init__(self):
-        _positive("rollout.chunk_size", self.chunk_size, "it is the number of tokens per chunk, e.g. 1024")
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 0:
+            raise ConfigError(f"rollout.chunk_size must be a positive number of tokens per chunk (e.g. 4096) or 0 "
+                              f"to pick it from GPU memory; got {self.chunk_size!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"rollout.attention={self.attention!r} is not one of {ATTENTION_KERNELS}")
         if not isinstance(self.vocab_tile, int) or self.vocab_tile < 0:

@@ -23,7 +23,7 @@ from .config import ConfigError, TrainConfig
 from .data import Document, DocumentOrder, load_documents
 from .ds_config import deepspeed_config
 from .engine import ExactRollout
-from .engine.memory import estimate_peak, fit_advice
+from .engine.memory import estimate_peak, fit_advice, pick_chunk_size
 from .model import CausalLMAdapter, stage_layer_counts, stage_state_dict, trim_to_stage
 from .model.build import build_model
 from .model.offload import check_host_memory
@@ -52,6 +52,9 @@ class StepStats:
     grad_norm: float | None
 
 
+CPU_AUTO_CHUNK = 512  # rollout.chunk_size=0 where there is no GPU memory to size it by
+
+
 class Trainer:
     """Owns one training run; ``fit()`` runs it.  Construction checks every input and writes nothing."""
 
@@ -74,7 +77,7 @@ class Trainer:
             max_doc_tokens=0 if cfg.data.chunk_index else cfg.data.max_doc_tokens,
             invalid_utf8=cfg.data.invalid_utf8,
             progress=os.environ.get("RANK", "0") == "0")
-        self.rollout = ExactRollout(cfg.rollout.chunk_size, attention=cfg.rollout.attention,
+        self.rollout = ExactRollout(cfg.rollout.chunk_size or CPU_AUTO_CHUNK, attention=cfg.rollout.attention,
                                     keep_attention=cfg.rollout.keep_attention, offload=cfg.rollout.offload,
                                     vocab_tile=cfg.rollout.vocab_tile)
         self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)
@@ -121,7 +124,7 @@ class Trainer:
                 self.stage_info = trim_to_stage(self.model, self.layout.stage, counts)
                 for p in self.model.parameters():
                     p.model_parallel = True  # unique to this stage: DeepSpeed sums its grad norm over stages
-                self.rollout = PipelineRollout(self.cfg.rollout.chunk_size, self.layout,
+                self.rollout = PipelineRollout(self.rollout.chunk_size, self.layout,
                                                attention=self.cfg.rollout.attention,
                                                keep_attention=self.cfg.rollout.keep_attention,
                                                vocab_tile=self.cfg.rollout.vocab_tile)
@@ -152,12 +155,15 @@ class Trainer:
         self.history: list[StepStats] = []
         if self.cfg.checkpoint.resume:
             self._load_checkpoint()
+        if self.cfg.rollout.chunk_size == 0 and not self.planned_spans:
+            self._pick_chunk_size()
         r = self.data_report
         ro, tr = self.cfg.rollout, self.cfg.trainer
         log.info("model: %s, %.2fM parameters, %s on %s; rollout: %s, chunk_size %d, K/V offload %s%s; "
                  "ZeRO stage %d%s", type(self.model).__name__,
                  sum(p.numel() for p in self.model.parameters()) / 1e6,
-                 str(self.model.dtype).replace("torch.", ""), self.device, ro.mode, ro.chunk_size, ro.offload,
+                 str(self.model.dtype).replace("torch.", ""), self.device, ro.mode, self.rollout.chunk_size,
+                 ro.offload,
                  f", LM head in vocabulary tiles of {ro.vocab_tile}" if ro.vocab_tile else "", tr.zero_stage,
                  f", optimizer offloaded to {tr.offload_optimizer}" if tr.offload_optimizer != "none" else "")
         log.info("data: %d documents (%d tokens) from %d file(s); %d skipped as too short; %d extra pieces from "
@@ -170,13 +176,33 @@ class Trainer:
             self._check_memory()
         log.info("run directory: %s", self.run_dir.resolve())
 
+    def _pick_chunk_size(self, capacity: int | None = None) -> None:
+        """rollout.chunk_size=0: the largest chunk whose predicted peak for the longest document fits the GPU;
+        every rank takes the smallest pick so that all stages and replicas cut documents alike."""
+        if self.device.type != "cuda" and capacity is None:
+            log.info("rollout.chunk_size=0 on CPU: chunks of %d tokens", self.rollout.chunk_size)
+            return
+        ro = self.cfg.rollout
+        if capacity is None:
+            capacity = torch.cuda.get_device_properties(self.device).total_memory
+        longest = max(len(d.input_ids) for d in self.docs)
+        chunk = pick_chunk_size(CausalLMAdapter(self.engine.module), longest, capacity, offload=ro.offload,
+                                keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile)
+        if self.world > 1:
+            picked = torch.tensor([chunk], device=self.device)
+            torch.distributed.all_reduce(picked, op=torch.distributed.ReduceOp.MIN)
+            chunk = int(picked)
+        self.rollout.chunk_size = chunk
+        log.info("rollout.chunk_size=0: chunks of %d tokens, the largest predicted to fit %.1f GiB for the "
+                 "longest document (%d tokens)", chunk, capacity / 2 ** 30, longest)
+
     def _check_memory(self, capacity: int | None = None) -> None:
         """Predicts the peak GPU memory of the longest document (engine/memory.py) and warns, with what to
         change, if it would not fit: the peak comes at the first backward chunk, after the whole fill pass."""
         ro = self.cfg.rollout
         longest = max(len(d.input_ids) for d in self.docs)
-        chunk = max((e - s for spans in self.planned_spans.values() for s, e in spans), default=ro.chunk_size) \
-            if self.planned_spans else ro.chunk_size
+        chunk = max((e - s for spans in self.planned_spans.values() for s, e in spans),
+                    default=self.rollout.chunk_size) if self.planned_spans else self.rollout.chunk_size
         est = estimate_peak(CausalLMAdapter(self.engine.module), longest, chunk, offload=ro.offload,
                             keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile)
         if capacity is None:

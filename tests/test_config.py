@@ -43,7 +43,6 @@ def test_model_shapes_match_their_names():
 
 
 @pytest.mark.parametrize("override,key", [
-    ("rollout.chunk_size=0", "rollout.chunk_size"),
     ("rollout.chunk_size=-8", "rollout.chunk_size"),
     ("rollout.mode=memory", "rollout.mode"),
     ("rollout.attention=xformers", "rollout.attention"),
@@ -83,3 +82,7 @@ def test_offload_with_pipeline_stages_is_refused_with_a_way_out():
 def test_8b_offload_recipe_composes():
     cfg = load("model=llama3_8b", "rollout.offload=kv", "trainer.zero_stage=2", "trainer.offload_optimizer=cpu")
     assert (cfg.rollout.offload, cfg.trainer.offload_optimizer, cfg.trainer.zero_stage) == ("kv", "cpu", 2)
+
+
+def test_chunk_size_zero_means_picked_from_memory():
+    assert load("rollout.chunk_size=0").rollout.chunk_size == 0

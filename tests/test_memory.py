@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rollout_dist.engine.memory import (GiB, MemoryEstimate, activation_bytes_per_token, estimate_peak, fit_advice,
-                                        state_bytes_per_token)
+                                        pick_chunk_size, state_bytes_per_token)
 from rollout_dist.model import CausalLMAdapter
 from tests.helpers import tiny_model
 
@@ -65,3 +65,15 @@ def test_estimate_adds_up_and_advice_names_what_to_change():
     tiled = estimate_peak(adapter, 1_048_576, 16384, fixed=0, activation_per_token=0, vocab_tile=4096)
     assert tiled.chunk_activations == 16384 * 4096 * 12
     assert isinstance(est, MemoryEstimate)
+
+
+def test_chunk_size_is_the_largest_that_fits():
+    adapter = _adapter(22, **TINYLLAMA)
+    pick = dict(fixed=int(8.2 * GiB), activation_per_token=1_988_272)
+    # 139 GiB H200 at 1M tokens: chunk 16384 predicts 90.4 GiB, 32768 about 126.6 GiB (over 90% of 139)
+    assert pick_chunk_size(adapter, 1_048_576, 139 * GiB, **pick) == 16384
+    assert pick_chunk_size(adapter, 1_048_576, 80 * GiB, **pick) == 4096  # an H100 at 1M
+    assert pick_chunk_size(adapter, 1_048_576, 80 * GiB, offload="kv", **pick) == 16384
+    assert pick_chunk_size(adapter, 3000, 139 * GiB, **pick) == 2048  # never longer than the document
+    assert pick_chunk_size(adapter, 100, 139 * GiB, **pick) == 100
+    assert pick_chunk_size(adapter, 4_000_000, 16 * GiB, **pick) == 128  # nothing fits: the smallest

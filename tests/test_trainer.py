@@ -170,3 +170,15 @@ def test_memory_check_warns_with_what_to_change(tmp_path, caplog):
         trainer._check_memory(capacity=1 << 16)
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning and "rollout.offload=kv" in warning[-1] and "rollout.chunk_size" not in warning[-1]
+
+
+def test_chunk_size_zero_is_picked_from_memory(tmp_path):
+    trainer = make_trainer(tmp_path, chunk=0)
+    trainer.setup()
+    assert trainer.rollout.chunk_size == 512  # CPU: no GPU memory to size it by
+    longest = max(len(d.input_ids) for d in trainer.docs)
+    trainer._pick_chunk_size(capacity=1 << 40)  # plenty: the whole document in one chunk
+    assert trainer.rollout.chunk_size == longest
+    trainer._pick_chunk_size(capacity=1 << 10)  # nothing fits: the smallest candidate, capped by the document
+    assert trainer.rollout.chunk_size == min(128, longest)
+    trainer.fit()  # trains with the picked size

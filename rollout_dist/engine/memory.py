@@ -129,3 +129,24 @@ def fit_advice(estimate: MemoryEstimate, capacity: int, offload: str, keep_atten
     ways.append("data.max_doc_tokens to split the document")
     return (f"predicted peak {estimate.total / GiB:.1f} GiB exceeds the GPU's {capacity / GiB:.1f} GiB "
             f"({estimate.describe()}); try " + ", or ".join(ways))
+
+
+CHUNK_CANDIDATES = (32768, 16384, 8192, 4096, 2048, 1024, 512, 256, 128)
+
+
+def pick_chunk_size(adapter: CausalLMAdapter, tokens: int, capacity: int, *, offload: str = "none",
+                    keep_attention: bool = False, vocab_tile: int = 0, fixed: int | None = None,
+                    activation_per_token: int | None = None, headroom: float = 0.9) -> int:
+    """The largest chunk of ``CHUNK_CANDIDATES`` whose predicted peak for a ``tokens``-token document stays
+    within ``headroom`` of ``capacity`` bytes (larger chunks run faster: fewer, larger attention and matmul
+    problems); the smallest candidate when none fits, and never more than the document."""
+    if activation_per_token is None:
+        activation_per_token = activation_bytes_per_token(adapter)
+    for chunk in CHUNK_CANDIDATES:
+        if chunk > tokens and chunk != CHUNK_CANDIDATES[-1]:
+            continue
+        est = estimate_peak(adapter, tokens, chunk, offload=offload, keep_attention=keep_attention,
+                            vocab_tile=vocab_tile, fixed=fixed, activation_per_token=activation_per_token)
+        if est.total <= headroom * capacity:
+            return min(chunk, tokens)
+    return min(CHUNK_CANDIDATES[-1], tokens)
