@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 4 on the device tool's machines. Needs .whl/ (../shared/device/make-wheels.sh) carried with each call.
 #   bash bench/device/issue4.sh quick     # one H200, < 10 min: GPU tests of offload/tiles, speed variants vs HF
+#   bash bench/device/issue4.sh start1m   # one H200: a whole training step at 1,048,576 tokens, detached (~17 min)
 #   bash bench/device/issue4.sh start2m   # one H200: starts the 2M-token offload probe detached (about 20 min)
 #   bash bench/device/issue4.sh start8b   # 2x H200 host (256 GiB RAM, one GPU used): Llama-3-8B, 128K steps + 512K probe
 #   bash bench/device/issue4.sh poll      # copies what the detached run wrote so far to $OUT
@@ -24,6 +25,8 @@ case "${1:-quick}" in
     python bench/rollout_vs_hf.py --hf 131072 --ours 131072 --steps 1 --budget 420 \
       --variants cudnn:16384 cudnn+keep:16384 cudnn+keep+vt8192:32768 cudnn+kv:16384 cudnn+all:16384
     ;;
+  start1m)
+    detach python bench/rollout_vs_hf.py --hf --ours 1048576 --steps 1 --budget 3000 --variants cudnn:16384 ;;
   start2m)
     detach python bench/rollout_vs_hf.py --hf --ours --variants cudnn+kv:16384 --probe 2097152 --budget 3000 ;;
   start8b)
