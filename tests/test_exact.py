@@ -10,9 +10,21 @@ F64_GRAD_TOL = 1e-9
 F64_LOSS_TOL = 1e-12
 
 
-def _check(model, ids, labels, chunk_size, grad_tol, loss_tol):
+# issue 4: every parity test of the foundation holds with each optimisation switched on (CPU versions of them:
+# the split kernels in plain torch, K/V and dK/dV offload with synchronous copies, the vocabulary-tiled head)
+OPTIMISATIONS = {
+    "plain": {},
+    "split+keep": {"attention": "math", "keep_attention": True},
+    "offload_kv": {"offload": "kv"},
+    "offload_all": {"offload": "all"},
+    "vocab_tile": {"vocab_tile": 7},
+    "all_on": {"attention": "math", "keep_attention": True, "offload": "all", "vocab_tile": 7},
+}
+
+
+def _check(model, ids, labels, chunk_size, grad_tol, loss_tol, **opts):
     ref_loss, ref_grads = reference_loss_and_grads(model, ids, labels)
-    result = chunked_forward_backward(model, ids, chunk_size=chunk_size, labels=labels)
+    result = chunked_forward_backward(model, ids, chunk_size=chunk_size, labels=labels, **opts)
     worst, name = worst_rel_error(grads_of(model), ref_grads)
     assert worst <= grad_tol, f"chunk_size={chunk_size}: {name} gradient off by {worst:.3e}"
     assert abs(result.loss - ref_loss) <= loss_tol * abs(ref_loss), (result.loss, ref_loss)
@@ -22,8 +34,9 @@ def _check(model, ids, labels, chunk_size, grad_tol, loss_tol):
     return result
 
 
+@pytest.mark.parametrize("opts", OPTIMISATIONS.values(), ids=OPTIMISATIONS.keys())
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_float64_every_chunk_size_ragged_batch2_ignored_labels(family):
+def test_float64_every_chunk_size_ragged_batch2_ignored_labels(family, opts):
     model = tiny_model(family)
     T = 23  # prime: every chunk size below T leaves a ragged last chunk
     ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
@@ -31,7 +44,7 @@ def test_float64_every_chunk_size_ragged_batch2_ignored_labels(family):
     labels[0, 3:8] = -100
     labels[1, -4:] = -100
     for chunk_size in list(range(1, T + 1)) + [T + 5]:
-        result = _check(model, ids, labels, chunk_size, F64_GRAD_TOL, F64_LOSS_TOL)
+        result = _check(model, ids, labels, chunk_size, F64_GRAD_TOL, F64_LOSS_TOL, **opts)
         assert result.num_chunks == -(-T // chunk_size)
 
 
@@ -41,34 +54,38 @@ def test_float64_every_chunk_size_ragged_batch2_ignored_labels(family):
      "original_max_position_embeddings": 16, "rope_theta": 500000.0},
     {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
 ])
-def test_float64_rope_scaling_keeps_global_positions(rope):
+@pytest.mark.parametrize("opts", [{}, OPTIMISATIONS["all_on"]], ids=["plain", "all_on"])
+def test_float64_rope_scaling_keeps_global_positions(rope, opts):
     model = tiny_model("llama", rope_parameters=rope)
     assert model.config.rope_parameters["rope_type"] == rope["rope_type"]
     ids = torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(2))
     for chunk_size in (3, 8, 40):
-        _check(model, ids, None, chunk_size, F64_GRAD_TOL, F64_LOSS_TOL)
+        _check(model, ids, None, chunk_size, F64_GRAD_TOL, F64_LOSS_TOL, **opts)
 
 
-def test_float64_mistral_sliding_window_shorter_than_document():
+@pytest.mark.parametrize("opts", [{}, {"offload": "all", "vocab_tile": 7}], ids=["plain", "offload+tile"])
+def test_float64_mistral_sliding_window_shorter_than_document(opts):
     model = tiny_model("mistral", sliding_window=6)
     ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3))
     for chunk_size in (1, 4, 7, 30):
-        _check(model, ids, None, chunk_size, F64_GRAD_TOL, F64_LOSS_TOL)
+        _check(model, ids, None, chunk_size, F64_GRAD_TOL, F64_LOSS_TOL, **opts)
 
 
-def test_float64_tied_embeddings_and_attention_bias():
+@pytest.mark.parametrize("opts", [{}, OPTIMISATIONS["all_on"]], ids=["plain", "all_on"])
+def test_float64_tied_embeddings_and_attention_bias(opts):
     model = tiny_model("llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(4))
     for chunk_size in (2, 5):
-        _check(model, ids, None, chunk_size, F64_GRAD_TOL, F64_LOSS_TOL)
+        _check(model, ids, None, chunk_size, F64_GRAD_TOL, F64_LOSS_TOL, **opts)
 
 
-def test_float32_within_1e_5():
+@pytest.mark.parametrize("opts", [{}, OPTIMISATIONS["all_on"]], ids=["plain", "all_on"])
+def test_float32_within_1e_5(opts):
     model = tiny_model("llama", dtype=torch.float32)
     ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(5))
     for chunk_size in (1, 7, 16, 64):
-        _check(model, ids, None, chunk_size, 1e-5, 1e-6)
+        _check(model, ids, None, chunk_size, 1e-5, 1e-6, **opts)
 
 
 def test_grads_accumulate_into_existing_grads():
@@ -92,11 +109,12 @@ def test_loss_normalizer_scales_gradient_not_reported_loss():
     assert worst <= F64_GRAD_TOL, (name, worst)
 
 
-def test_dropout_recompute_replays_the_same_random_stream():
+@pytest.mark.parametrize("offload", ["none", "all"])
+def test_dropout_recompute_replays_the_same_random_stream(offload):
     model = tiny_model("llama", attention_dropout=0.3, num_hidden_layers=3)
     model.train()
     ids = torch.randint(0, VOCAB, (2, 29), generator=torch.Generator().manual_seed(8))
-    engine = ExactRollout(chunk_size=6, verify_recompute=True)
+    engine = ExactRollout(chunk_size=6, verify_recompute=True, offload=offload)
     torch.manual_seed(123)
     first = engine.run(model, ids)
     mismatch = engine.last_state.recompute_mismatch

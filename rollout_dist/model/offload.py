@@ -295,7 +295,7 @@ class OffloadedKVState(KVState):
         layer = layer_idx - self.layer_offset
         s, e = self.start, self.start + key.shape[2]
         last = layer == self.num_layers - 1
-        out = []
+        out, mismatch = [], []
         for kind, fresh in (("k", key), ("v", value)):
             ring = self.rings[kind]
             if self.phase == "fill":
@@ -310,7 +310,7 @@ class OffloadedKVState(KVState):
             stored = e <= self.filled  # else the chunk is the last one, never stored by the fill pass
             slot, buf = ring.acquire(layer, e if stored else s)
             if self.verify_recompute and stored:
-                self.recompute_mismatch.append((fresh.detach().transpose(1, 2) - buf[:, s:e]).abs().max().item())
+                mismatch.append((fresh.detach().transpose(1, 2) - buf[:, s:e]).abs().max().item())
             out.append(_CarriedKV.apply(fresh, buf, self, layer, kind, s, self.filled))
             if not stored:
                 ring.extend(slot, e)
@@ -319,6 +319,8 @@ class OffloadedKVState(KVState):
                 ring.prefetch(layer + 1, e)
             elif kind in self.grad_rings:
                 self.grad_rings[kind].prefetch(layer, e)  # backward starts with the last layer
+        if mismatch:  # one entry per chunk and layer, as KVState records it
+            self.recompute_mismatch.append(max(mismatch))
         if layer == self.num_layers - 1 and self.phase == "fill":
             self.filled = max(self.filled, e)
         return out[0], out[1]
