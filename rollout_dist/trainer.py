@@ -53,6 +53,26 @@ class StepStats:
 
 
 CPU_AUTO_CHUNK = 512  # rollout.chunk_size=0 where there is no GPU memory to size it by
+CHUNK_BAR_MIN = 32  # documents of at least this many chunks get a progress bar of their own within a step
+
+
+class _ChunkBar:
+    """Chunk progress within one long document (fill pass, then backward), below the step bar."""
+
+    def __init__(self, what: str):
+        self.what, self.bar = what, None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.bar is None or self.bar.desc != f"{phase} ({self.what})":
+            self.close()
+            self.bar = tqdm(total=total, desc=f"{phase} ({self.what})", unit="chunk", leave=False, position=1,
+                            dynamic_ncols=True, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class Trainer:
@@ -247,8 +267,15 @@ class Trainer:
                 engine.set_gradient_accumulation_boundary(_last and calls == _n)
                 engine.backward(loss)
 
-            result = self.rollout.run(engine.module, ids, loss_normalizer=normalizer, backward=backward,
-                                      spans=spans)
+            extra = {}
+            if isinstance(self.rollout, ExactRollout) and self.rank == 0 and n_chunks >= CHUNK_BAR_MIN:
+                extra["progress"] = _ChunkBar(f"document {i + 1}/{len(window)}, {ids.shape[1]:,} tokens")
+            try:
+                result = self.rollout.run(engine.module, ids, loss_normalizer=normalizer, backward=backward,
+                                          spans=spans, **extra)
+            finally:
+                if extra:
+                    extra["progress"].close()
             loss_sum += result.loss_sum
             chunks += result.num_chunks
         return loss_sum, window_tokens, chunks

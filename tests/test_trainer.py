@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rollout_dist import chunked_forward_backward
+from rollout_dist import ExactRollout, chunked_forward_backward
 from rollout_dist.config import (CheckpointConfig, ConfigError, DataConfig, ModelConfig, RolloutConfig,
                                  TrainConfig, TrainerConfig)
 from rollout_dist.trainer import Trainer
@@ -186,3 +186,22 @@ def test_chunk_size_zero_is_picked_from_memory(tmp_path):
     trainer._pick_chunk_size(capacity=1 << 10)  # nothing fits: the smallest candidate, capped by the document
     assert trainer.rollout.chunk_size == min(128, longest)
     trainer.fit()  # trains with the picked size
+
+
+def test_long_documents_report_chunk_progress(tmp_path, monkeypatch):
+    calls = []
+    real = ExactRollout.run
+
+    def run(self, *args, **kwargs):
+        progress = kwargs.get("progress")
+        if progress is not None:
+            kwargs["progress"] = lambda *a: (calls.append(a), progress(*a))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(ExactRollout, "run", run)
+    monkeypatch.setattr("rollout_dist.trainer.CHUNK_BAR_MIN", 4)
+    trainer = make_trainer(tmp_path, chunk=7, grad_accum=1, max_steps=1)
+    trainer.fit()
+    chunks = -(-len(trainer.docs[0].input_ids) // 7)
+    assert chunks >= 4
+    assert [c for c in calls if c[0] == "fill"][-1] == ("fill", chunks - 1, chunks - 1)
+    assert [c for c in calls if c[0] == "backward"][-1] == ("backward", chunks, chunks)

@@ -20,6 +20,9 @@ from .loss import IGNORE_INDEX, head_cross_entropy_sum, shift_targets
 from .packing import mask_cross_document_targets, packed_positions, validate_segments
 
 BackwardFn = Callable[[torch.Tensor], None]
+ProgressFn = Callable[[str, int, int], None]
+"""Called after each chunk with (phase, chunks done in that phase, chunks in that phase); phase is "fill" or
+"backward"."""
 
 
 @dataclass
@@ -123,7 +126,7 @@ class ExactRollout:
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
             loss_normalizer: float | None = None, backward: BackwardFn | None = None,
             segment_ids: torch.Tensor | None = None, spans: list[tuple[int, int]] | None = None,
-            ) -> RolloutResult:
+            progress: ProgressFn | None = None) -> RolloutResult:
         """Forward and backward of one (B, T) batch; parameter ``.grad`` accumulates d(loss_sum / normalizer).
 
         ``loss_normalizer`` defaults to the number of target tokens of this batch (HF's mean); a trainer that
@@ -131,6 +134,7 @@ class ExactRollout:
         receives each chunk's scalar loss (a DeepSpeed engine's ``backward``, say); default ``Tensor.backward``.
         ``segment_ids`` packs several documents into each row (rollout_dist.engine.packing); ``spans`` replaces
         the fixed chunking by planned chunk boundaries (a chunk index), [(start, end), ...] covering [0, T).
+        ``progress`` is told after every chunk (a document of millions of tokens takes an hour per step).
         """
         adapter = CausalLMAdapter(model)
         validate_inputs(input_ids, labels, self.chunk_size, adapter.vocab_size)
@@ -161,7 +165,8 @@ class ExactRollout:
         state.verify_recompute = self.verify_recompute
         state.keep_attention = self.keep_attention
         try:
-            loss_sum = self._rollout(adapter, state, input_ids, targets, spans, chunk_args, normalizer, backward)
+            loss_sum = self._rollout(adapter, state, input_ids, targets, spans, chunk_args, normalizer, backward,
+                                     progress or (lambda *_: None))
         finally:
             state.close()
         self.last_state = state if self.verify_recompute else None
@@ -169,24 +174,26 @@ class ExactRollout:
         return RolloutResult(loss=total / num_tokens, num_tokens=num_tokens, loss_sum=total,
                              num_chunks=len(spans), state_bytes=state.nbytes)
 
-    def _rollout(self, adapter, state, input_ids, targets, spans, chunk_args, normalizer, backward):
+    def _rollout(self, adapter, state, input_ids, targets, spans, chunk_args, normalizer, backward, progress):
         rng = []
         # dK/dV first: a document whose carried state does not fit fails now, not after the whole fill pass
         state.allocate_grads()
         with adapter.chunk_attention(self.attention):
             with torch.no_grad():
-                for s, e in spans[:-1]:  # the last chunk's K/V are needed by no later chunk
+                for i, (s, e) in enumerate(spans[:-1]):  # the last chunk's K/V are needed by no later chunk
                     rng.append(_capture_rng(adapter.device))
                     adapter.forward_chunk(input_ids[:, s:e], s, state, phase="fill", **chunk_args(s, e))
+                    progress("fill", i + 1, len(spans) - 1)
             rng.append(_capture_rng(adapter.device))
             loss_sum = torch.zeros((), dtype=torch.float64, device=adapter.device)
-            for (s, e), rng_state in zip(reversed(spans), reversed(rng)):
+            for i, ((s, e), rng_state) in enumerate(zip(reversed(spans), reversed(rng))):
                 with _RestoredRng(rng_state, adapter.device), torch.enable_grad(), state.autograd_hooks():
                     hidden = adapter.forward_chunk(input_ids[:, s:e], s, state, phase="recompute",
                                                    **chunk_args(s, e))
                     ce = head_cross_entropy_sum(hidden, adapter.head, targets[:, s:e], self.vocab_tile)
                     backward(ce / normalizer)
                 loss_sum += ce.detach().to(torch.float64)
+                progress("backward", i + 1, len(spans))
         return loss_sum
 
 
