@@ -4,10 +4,15 @@
 #   bash bench/device/issue4.sh start1m   # one H200: a whole training step at 1,048,576 tokens, detached (~17 min)
 #   bash bench/device/issue4.sh start2m   # one H200: starts the 2M-token offload probe detached (about 20 min)
 #   bash bench/device/issue4.sh start8b   # 2x H200 host (256 GiB RAM, one GPU used): Llama-3-8B, 128K steps + 512K probe
-#   bash bench/device/issue4.sh poll      # copies what the detached run wrote so far to $OUT
+#   bash bench/device/issue4.sh poll [S]  # waits up to S seconds (default 0) for the detached run to end, then
+#                                         # copies what it wrote to $OUT (the machine is released 30 s after a
+#                                         # call ends, detached runs with it: keep a poll call in flight)
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+if [ "${1:-quick}" != poll ]; then  # poll must not rewrite the packages a detached run is importing
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
 export TORCH_CUDA_ARCH_LIST=9.0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LONG=/tmp/issue4_long   # survives between calls while the machine is held
@@ -27,9 +32,14 @@ case "${1:-quick}" in
   start1m)
     detach python bench/rollout_vs_hf.py --hf --ours 1048576 --steps 1 --budget 3000 --variants cudnn:16384 ;;
   start2m)
-    detach python bench/rollout_vs_hf.py --hf --ours --variants cudnn+kv:16384 --probe 2097152 --budget 3000 ;;
+    detach python bench/rollout_vs_hf.py --hf --ours --variants cudnn+kv:16384 --probe 2097152 --probe-chunks 2 \
+      --budget 3000 ;;
   start8b)
     detach python bench/train_long.py --tokens 131072 524288 --probe-chunks 0 3 --steps 1 -- +experiment=llama3_8b_500k ;;
   poll)
-    cp -r "$LONG"/. "$OUT"/ 2>/dev/null; tail -5 "$LONG/log"; nvidia-smi --query-gpu=memory.used --format=csv ;;
+    end=$(( $(date +%s) + ${2:-0} ))
+    while [ "$(date +%s)" -lt "$end" ] && pgrep -f "bench/(rollout_vs_hf|train_long).py" > /dev/null; do sleep 10; done
+    cp -r "$LONG"/. "$OUT"/ 2>/dev/null; tail -5 "$LONG/log"
+    pgrep -f "bench/(rollout_vs_hf|train_long).py" > /dev/null && echo "still running" || echo "finished"
+    nvidia-smi --query-gpu=memory.used --format=csv ;;
 esac
