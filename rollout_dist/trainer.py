@@ -105,9 +105,11 @@ class Trainer:
         if cfg.rollout.offload != "none" and self.docs:
             longest = max(len(d.input_ids) for d in self.docs)
             per_token = CausalLMAdapter(self.model).kv_bytes_per_token() * (2 if cfg.rollout.offload == "all" else 1)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every process of this node offloads its own
             try:
-                check_host_memory(per_token * longest, f"rollout.offload={cfg.rollout.offload} for the longest "
-                                  f"document ({longest} tokens)")
+                check_host_memory(per_token * longest * local, f"rollout.offload={cfg.rollout.offload} for the "
+                                  f"longest document ({longest} tokens)" + (f", {local} processes on this node"
+                                                                            if local > 1 else ""))
             except MemoryError as err:
                 raise ConfigError(str(err)) from None
         self.engine = None

@@ -173,6 +173,8 @@ def test_dropout_gradient_matches_finite_difference_of_the_same_stream():
     (dict(chunk_size=4, ids=torch.tensor([[5, VOCAB]])), "outside the model's vocabulary"),
     (dict(chunk_size=4, ids=torch.tensor([5, 6, 7])), r"\(batch, tokens\)"),
     (dict(chunk_size=4, labels=torch.full((1, 9), -100)), "all labels are -100"),
+    (dict(chunk_size=4, labels=torch.full((1, 9), VOCAB)), f"label {VOCAB} is neither -100"),
+    (dict(chunk_size=4, labels=torch.full((1, 9), -5)), "label -5 is neither -100"),
 ])
 def test_bad_input_is_named(bad, match):
     model = tiny_model("llama")

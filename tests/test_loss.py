@@ -38,19 +38,20 @@ def test_float64_tiles_equal_the_plain_head(tile, bias):
         assert torch.allclose(head.bias.grad, expected[2], rtol=1e-12, atol=1e-14)
 
 
-def test_bfloat16_tiles_no_worse_than_the_plain_head():
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_tiles_no_worse_than_the_plain_head(bias):
     """bf16 head: the tiled loss and gradients are as close to an fp64 reference as the plain bf16 head."""
-    ref_head, ref_hidden, targets = _head_case(torch.float64, False, seed=1)
+    ref_head, ref_hidden, targets = _head_case(torch.float64, bias, seed=1)
     cross_entropy_sum(ref_head(ref_hidden), targets).backward()
     errs = {}
     for tile in (0, 8):
-        head, hidden, _ = _head_case(torch.float64, False, seed=1)
+        head, hidden, _ = _head_case(torch.float64, bias, seed=1)
         head, hidden = head.to(torch.bfloat16), hidden.detach().to(torch.bfloat16).requires_grad_(True)
         head_cross_entropy_sum(hidden, head, targets, vocab_tile=tile).backward()
         errs[tile] = max(((hidden.grad.double() - ref_hidden.grad).norm() / ref_hidden.grad.norm()).item(),
                          ((head.weight.grad.double() - ref_head.weight.grad).norm()
                           / ref_head.weight.grad.norm()).item())
-    assert errs[8] <= 1.5 * errs[0] + 1e-3, errs
+    assert errs[8] <= 1.25 * errs[0] + 1e-4, errs
 
 
 def test_float64_rollout_with_tiled_head_matches_full_sequence():

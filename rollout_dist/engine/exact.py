@@ -77,6 +77,11 @@ def validate_inputs(input_ids: torch.Tensor, labels: torch.Tensor | None, chunk_
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token id {hi if hi >= vocab_size else lo} is outside the model's vocabulary "
                          f"[0, {vocab_size}); check that the tokenizer matches the model")
+    if labels is not None:
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab_size))]
+        if bad.numel():
+            raise ValueError(f"label {int(bad[0])} is neither -100 (ignored) nor a token id of the model's "
+                             f"vocabulary [0, {vocab_size})")
 
 
 def fixed_spans(length: int, chunk_size: int) -> list[tuple[int, int]]:

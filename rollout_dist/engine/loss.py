@@ -33,7 +33,8 @@ class _VocabTiledCrossEntropy(torch.autograd.Function):
     target logits; backward recomputes each tile's logits (one extra head matmul) and turns them into that tile's
     softmax gradient. Each tile's weight gradient is one matmul over all tokens, as in the untiled head, and the
     hidden-state gradient is summed over tiles in fp32. Numerics follow HF: the head runs in the model dtype,
-    the loss in fp32 (fp64 for fp64 models), and the logit gradient is cast back to the model dtype.
+    the loss in fp32 (fp64 for fp64 models), and the logit gradient is cast back to the model dtype. No host
+    synchronisation: targets are picked with masked gathers.
     """
 
     @staticmethod
@@ -47,9 +48,8 @@ class _VocabTiledCrossEntropy(torch.autograd.Function):
         for lo in range(0, weight.shape[0], tile):
             logits = _tile_logits(flat, weight, bias, lo, tile).to(acc)
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-            inside = valid & (tgt >= lo) & (tgt < lo + logits.shape[1])
-            rows = inside.nonzero().squeeze(1)
-            picked[rows] = logits[rows, tgt[rows] - lo]
+            inside, index = _in_tile(tgt, valid, lo, logits.shape[1])
+            picked += torch.where(inside, logits.gather(1, index).squeeze(1), 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.tile = tile
         return ((lse - picked) * valid).sum()
@@ -59,16 +59,16 @@ class _VocabTiledCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         flat = hidden.reshape(-1, hidden.shape[-1])
         tgt = targets.reshape(-1)
-        scale = (tgt != IGNORE_INDEX).to(lse.dtype) * grad.to(lse.dtype)
+        valid = tgt != IGNORE_INDEX
+        scale = valid.to(lse.dtype) * grad.to(lse.dtype)
         dflat = torch.zeros(flat.shape, dtype=lse.dtype, device=flat.device)
         dweight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         dbias = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
         for lo in range(0, weight.shape[0], ctx.tile):
             logits = _tile_logits(flat, weight, bias, lo, ctx.tile).to(lse.dtype)
             dlogits = torch.exp(logits - lse[:, None])
-            inside = (tgt >= lo) & (tgt < lo + logits.shape[1])
-            rows = inside.nonzero().squeeze(1)
-            dlogits[rows, tgt[rows] - lo] -= 1.0
+            inside, index = _in_tile(tgt, valid, lo, logits.shape[1])
+            dlogits.scatter_add_(1, index, -inside.to(dlogits.dtype)[:, None])  # softmax - one-hot
             dlogits = (dlogits * scale[:, None]).to(weight.dtype)
             w = weight[lo:lo + ctx.tile]
             dflat += (dlogits @ w).to(lse.dtype)
@@ -79,9 +79,16 @@ class _VocabTiledCrossEntropy(torch.autograd.Function):
         return dflat.to(hidden.dtype).view_as(hidden), dweight, dbias, None, None
 
 
+def _in_tile(tgt: torch.Tensor, valid: torch.Tensor, lo: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which targets fall in the tile [lo, lo + width), and their column there (clamped where they do not)."""
+    local = tgt - lo
+    inside = valid & (local >= 0) & (local < width)
+    return inside, local.clamp(0, width - 1)[:, None]
+
+
 def _tile_logits(flat, weight, bias, lo: int, tile: int) -> torch.Tensor:
-    logits = flat @ weight[lo:lo + tile].T
-    return logits if bias is None else logits + bias[lo:lo + tile]
+    w = weight[lo:lo + tile].T
+    return flat @ w if bias is None else torch.addmm(bias[lo:lo + tile], flat, w)  # one rounding, as F.linear
 
 
 def head_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,

@@ -32,15 +32,24 @@ OFFLOAD_MODES = ("none", "kv", "all")
 
 
 def available_host_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (None where there is none)."""
+    """Host memory available to this process now: MemAvailable of /proc/meminfo, or less where a cgroup (v2)
+    memory limit leaves less (containers); None where neither can be read."""
+    found = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except OSError:
-        return None
-    return None
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            found.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def check_host_memory(nbytes: int, what: str, available: int | None = None) -> None:
@@ -111,6 +120,14 @@ def _give_back(pool: HostPool, buffers: list[torch.Tensor], stream) -> None:
     if stream is not None:
         stream.synchronize()  # no copy may still be writing into a buffer the next user gets
     pool.give(buffers)
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int) -> None:
+    """dst[:, lo:hi] = src[:, lo:hi], one batch row at a time: each row's range is contiguous, so the copy goes
+    straight between page-locked host memory and the device, asynchronously (a strided multi-row slice would go
+    through blocking pageable temporaries)."""
+    for b in range(dst.shape[0]):
+        dst[b, lo:hi].copy_(src[b, lo:hi], non_blocking=True)
 
 
 class LayerRing:
@@ -188,12 +205,9 @@ class LayerRing:
         slot = self._order[0]
         dst, src = self.slots[slot], self.host[layer]
         if n > 0:
-            def copy():
-                dst[:, :n].copy_(src[:, :n], non_blocking=True)
-            self._ready[slot] = self._on_side_stream(copy)
+            self._ready[slot] = self._on_side_stream(lambda: _copy_rows(dst, src, 0, n))
             self.copied_in += dst[:, :n].numel() * dst.element_size()
-        else:
-            self._ready[slot] = None
+        # n == 0: nothing to copy; an event still pending for this slot (its last write-back) stays to be waited
         self._layer[slot], self._valid[slot] = layer, n
         self._touch(slot)
         self._order.insert(0, self._order.pop())  # a prefetched slot is not "in use" yet
@@ -221,10 +235,9 @@ class LayerRing:
         if hi <= lo:
             return
         dst, src = self.host[self._layer[slot]], self.slots[slot]
-
-        def copy():
-            dst[:, lo:hi].copy_(src[:, lo:hi], non_blocking=True)
-        self._on_side_stream(copy)
+        # the next acquire of this slot waits for the copy to have read it (a resident dK/dV slot is added into
+        # by the next chunk)
+        self._ready[slot] = self._on_side_stream(lambda: _copy_rows(dst, src, lo, hi))
 
     def synchronize(self) -> None:
         if self.stream is not None:
