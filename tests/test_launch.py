@@ -44,8 +44,8 @@ def test_short_run_trains_and_saves_hf_model(tmp_path, docs):
 
 @pytest.mark.parametrize("overrides,message", [
     (["data.path=/nonexistent/corpus"], "data.path='/nonexistent/corpus': no such file or directory"),
-    (["rollout.chunk_size=0"], "rollout.chunk_size must be a positive integer, got 0"),
-    (["rollout.chunk_size=-5"], "rollout.chunk_size must be a positive integer, got -5"),
+    (["rollout.chunk_size=-5"], "rollout.chunk_size must be a positive number of tokens per chunk (e.g. 4096) or 0 "
+                                "to pick it from GPU memory; got -5"),
     (["model.path=/nonexistent/model"], "model.path='/nonexistent/model': no such directory"),
 ])
 def test_bad_input_exits_nonzero_with_a_named_message_and_writes_nothing(tmp_path, overrides, message):
