@@ -26,7 +26,7 @@ from .engine import ExactRollout
 from .engine.memory import estimate_peak, fit_advice, pick_chunk_size
 from .model import CausalLMAdapter, stage_layer_counts, stage_state_dict, trim_to_stage
 from .model.build import build_model
-from .model.offload import check_host_memory
+from .model.offload import check_host_memory, host_bytes_needed
 from .parallel import PipelineRollout, RankLayout
 from .parallel.launch import init_distributed, resolve_device
 from .planning.spans import load_planned_spans
@@ -104,10 +104,11 @@ class Trainer:
                               if cfg.data.chunk_index else None)
         if cfg.rollout.offload != "none" and self.docs:
             longest = max(len(d.input_ids) for d in self.docs)
-            per_token = CausalLMAdapter(self.model).kv_bytes_per_token() * (2 if cfg.rollout.offload == "all" else 1)
+            ad = CausalLMAdapter(self.model)
+            need = host_bytes_needed(cfg.rollout.offload, ad.num_layers, longest, ad.kv_heads, ad.head_dim, ad.dtype)
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every process of this node offloads its own
             try:
-                check_host_memory(per_token * longest * local, f"rollout.offload={cfg.rollout.offload} for the "
+                check_host_memory(need * local, f"rollout.offload={cfg.rollout.offload} for the "
                                   f"longest document ({longest} tokens)" + (f", {local} processes on this node"
                                                                             if local > 1 else ""))
             except MemoryError as err:

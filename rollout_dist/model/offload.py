@@ -17,15 +17,12 @@ the same.
 """
 from __future__ import annotations
 
-import logging
 import math
 import weakref
 
 import torch
 
 from .kv_state import KVState, _CarriedKV
-
-log = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("none", "kv", "all")
 """none: everything on the device; kv: K/V on the host, dK/dV on the device; all: K/V and dK/dV on the host."""
@@ -50,6 +47,13 @@ def available_host_bytes() -> int | None:
     except (OSError, ValueError):
         pass
     return min(found) if found else None
+
+
+def host_bytes_needed(mode: str, num_layers: int, tokens: int, kv_heads: int, head_dim: int,
+                      dtype: torch.dtype) -> int:
+    """Host bytes an offload ``mode`` holds for ``tokens`` (batch x length): K/V, and with ``all`` dK/dV too."""
+    per_kind = num_layers * tokens * kv_heads * head_dim * dtype.itemsize
+    return per_kind * {"none": 0, "kv": 2, "all": 4}[mode]
 
 
 def check_host_memory(nbytes: int, what: str, available: int | None = None) -> None:
@@ -107,11 +111,6 @@ class HostPool:
         if self._pinned.pop(buf.data_ptr()):
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
 
-    def clear(self) -> None:
-        """Releases every free buffer (page-locked memory goes back to the system)."""
-        for buf in list(self._free):
-            self._release(buf)
-
 
 HOST_POOL = HostPool()
 
@@ -159,7 +158,6 @@ class LayerRing:
         self._ready: list[object] = [None] * slots
         self._order = list(range(slots))  # least recently used first
         self._storages = {s.untyped_storage().data_ptr(): i for i, s in enumerate(self.slots)}
-        self.copied_in = 0  # bytes copied host -> device (for benchmarks and tests)
 
     @property
     def host_bytes(self) -> int:
@@ -206,7 +204,6 @@ class LayerRing:
         dst, src = self.slots[slot], self.host[layer]
         if n > 0:
             self._ready[slot] = self._on_side_stream(lambda: _copy_rows(dst, src, 0, n))
-            self.copied_in += dst[:, :n].numel() * dst.element_size()
         # n == 0: nothing to copy; an event still pending for this slot (its last write-back) stays to be waited
         self._layer[slot], self._valid[slot] = layer, n
         self._touch(slot)
@@ -239,10 +236,6 @@ class LayerRing:
         # by the next chunk)
         self._ready[slot] = self._on_side_stream(lambda: _copy_rows(dst, src, lo, hi))
 
-    def synchronize(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-
     def close(self) -> None:
         """Waits for the ring's copies and returns its host buffers to the pool (the ring is unusable after)."""
         self.release()
@@ -263,9 +256,8 @@ class OffloadedKVState(KVState):
         super().__init__(keys=[], values=[], layer_offset=layer_offset)
         self.mode, self.num_layers = mode, num_layers
         self._shape, self._dtype, self._device = (batch, length, kv_heads, head_dim), dtype, device
-        per_kind = num_layers * batch * length * kv_heads * head_dim * dtype.itemsize
         available = available_host_bytes()
-        check_host_memory(per_kind * (4 if mode == "all" else 2),
+        check_host_memory(host_bytes_needed(mode, num_layers, batch * length, kv_heads, head_dim, dtype),
                           f"rollout.offload={mode} for {batch} x {length} tokens and {num_layers} layers",
                           None if available is None else available + HOST_POOL.free_bytes)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -277,20 +269,18 @@ class OffloadedKVState(KVState):
 
     # sizes -------------------------------------------------------------------------------------------------
     @property
+    def _all_rings(self) -> list[LayerRing]:
+        return [*self.rings.values(), *self.grad_rings.values()]
+
+    @property
     def nbytes(self) -> int:
-        """Device bytes held for the carried state (slots, device-side dK/dV, kept attention outputs)."""
-        rings = [*self.rings.values(), *self.grad_rings.values()]
-        kept = sum(t.numel() * t.element_size() for out, lse, _ in self.attention_cache.values() for t in (out, lse))
-        grads = sum(t.numel() * t.element_size() for t in (*self.dkeys, *self.dvalues))
-        return kept + grads + sum(r.device_bytes for r in rings)
+        """Device bytes held for the carried state: what ``KVState`` counts (kept attention outputs, dK/dV on
+        the device; its K/V lists are empty here) plus the slots."""
+        return super().nbytes + sum(r.device_bytes for r in self._all_rings)
 
     @property
     def host_bytes(self) -> int:
-        return sum(r.host_bytes for r in (*self.rings.values(), *self.grad_rings.values()))
-
-    @property
-    def copied_in(self) -> int:
-        return sum(r.copied_in for r in (*self.rings.values(), *self.grad_rings.values()))
+        return sum(r.host_bytes for r in self._all_rings)
 
     def allocate_grads(self) -> None:
         if self.mode == "kv":
@@ -358,15 +348,13 @@ class OffloadedKVState(KVState):
     def autograd_hooks(self):
         """Saved-tensor hooks for the recompute pass: a saved view of a K/V slot becomes (ring, layer, view
         geometry) and is staged again when backward unpacks it."""
-        kinds = {id(r): kind for kind, r in self.rings.items()}
-
         def pack(t: torch.Tensor):
-            for ring in self.rings.values():
+            for kind, ring in self.rings.items():
                 slot = ring.slot_of(t)
                 if slot is not None:
                     layer, valid = ring.layer_in(slot)
                     self.packed += 1
-                    return (kinds[id(ring)], layer, valid, t.size(), t.stride(), t.storage_offset())
+                    return (kind, layer, valid, t.size(), t.stride(), t.storage_offset())
             return t
 
         def unpack(packed):
@@ -382,5 +370,5 @@ class OffloadedKVState(KVState):
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
     def close(self) -> None:
-        for ring in (*self.rings.values(), *self.grad_rings.values()):
+        for ring in self._all_rings:
             ring.close()
