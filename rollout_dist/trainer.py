@@ -7,6 +7,7 @@ tokens of the whole window (of all replicas), so accumulating k documents equals
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from .config import ConfigError, TrainConfig
 from .data import Document, DocumentOrder, load_documents
 from .ds_config import deepspeed_config
 from .engine import ExactRollout
-from .engine.memory import estimate_peak, fit_advice, pick_chunk_size
+from .engine.memory import activation_bytes_per_token, estimate_peak, fit_advice, pick_chunk_size
 from .model import CausalLMAdapter, stage_layer_counts, stage_state_dict, trim_to_stage
 from .model.build import build_model
 from .model.offload import check_host_memory, host_bytes_needed
@@ -103,7 +104,7 @@ class Trainer:
         self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)
                               if cfg.data.chunk_index else None)
         if cfg.rollout.offload != "none" and self.docs:
-            longest = max(len(d.input_ids) for d in self.docs)
+            longest = self.longest_doc
             ad = CausalLMAdapter(self.model)
             need = host_bytes_needed(cfg.rollout.offload, ad.num_layers, longest, ad.kv_heads, ad.head_dim, ad.dtype)
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every process of this node offloads its own
@@ -142,8 +143,7 @@ class Trainer:
         try:
             self.layout = RankLayout(par.pp, par.dp).build_groups()
             if par.pp > 1:
-                longest = max(len(d.input_ids) for d in self.docs)
-                counts = stage_layer_counts(self.model, par.pp, par.stage_layers, tokens=longest)
+                counts = stage_layer_counts(self.model, par.pp, par.stage_layers, tokens=self.longest_doc)
                 self.stage_info = trim_to_stage(self.model, self.layout.stage, counts)
                 for p in self.model.parameters():
                     p.model_parallel = True  # unique to this stage: DeepSpeed sums its grad norm over stages
@@ -199,6 +199,16 @@ class Trainer:
             self._check_memory()
         log.info("run directory: %s", self.run_dir.resolve())
 
+    @functools.cached_property
+    def longest_doc(self) -> int:
+        """Tokens of the longest training document: what memory is sized for."""
+        return max(len(d.input_ids) for d in self.docs)
+
+    @functools.cached_property
+    def _activation_per_token(self) -> int:
+        """Bytes autograd keeps per chunk token (engine/memory.py), counted once per run."""
+        return activation_bytes_per_token(CausalLMAdapter(self.engine.module))
+
     def _pick_chunk_size(self, capacity: int | None = None) -> None:
         """rollout.chunk_size=0: the largest chunk whose predicted peak for the longest document fits the GPU;
         every rank takes the smallest pick so that all stages and replicas cut documents alike."""
@@ -208,9 +218,10 @@ class Trainer:
         ro = self.cfg.rollout
         if capacity is None:
             capacity = torch.cuda.get_device_properties(self.device).total_memory
-        longest = max(len(d.input_ids) for d in self.docs)
+        longest = self.longest_doc
         chunk = pick_chunk_size(CausalLMAdapter(self.engine.module), longest, capacity, offload=ro.offload,
-                                keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile)
+                                keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile,
+                                activation_per_token=self._activation_per_token)
         if self.world > 1:
             picked = torch.tensor([chunk], device=self.device)
             torch.distributed.all_reduce(picked, op=torch.distributed.ReduceOp.MIN)
@@ -223,11 +234,11 @@ class Trainer:
         """Predicts the peak GPU memory of the longest document (engine/memory.py) and warns, with what to
         change, if it would not fit: the peak comes at the first backward chunk, after the whole fill pass."""
         ro = self.cfg.rollout
-        longest = max(len(d.input_ids) for d in self.docs)
         chunk = max((e - s for spans in self.planned_spans.values() for s, e in spans),
                     default=self.rollout.chunk_size) if self.planned_spans else self.rollout.chunk_size
-        est = estimate_peak(CausalLMAdapter(self.engine.module), longest, chunk, offload=ro.offload,
-                            keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile)
+        est = estimate_peak(CausalLMAdapter(self.engine.module), self.longest_doc, chunk, offload=ro.offload,
+                            keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile,
+                            activation_per_token=self._activation_per_token)
         if capacity is None:
             capacity = torch.cuda.get_device_properties(self.device).total_memory
         log.info("GPU memory, predicted peak for the longest document: %s of %.1f GiB", est.describe(),
