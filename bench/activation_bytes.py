@@ -1,7 +1,8 @@
 """Bytes autograd keeps per chunk token per decoder layer during a chunk's recompute (the M_chunk of the memory
-model in docs/performance.md), by model shape, counted exactly through saved-tensor hooks.  Runs on CPU in bf16
-with the split-attention reference kernel, which saves what the GPU kernels save (q, k, v, output, log-sum-exp);
-weights and the carried K/V buffers are not counted.  Prints one JSON line per shape.
+model in docs/performance.md), by model shape, counted exactly through saved-tensor hooks
+(rollout_dist.engine.memory.activation_bytes_per_token, decoder layers only).  Runs on CPU in bf16 with the
+split-attention reference kernel, which saves what the GPU kernels save (q, k, v, output, log-sum-exp); weights
+and the carried K/V buffers are not counted.  Prints one JSON line per shape.
 
     python bench/activation_bytes.py
 """
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from rollout_dist.engine.memory import activation_bytes_per_token  # noqa: E402
 from rollout_dist.model import CausalLMAdapter  # noqa: E402
 
 SHAPES = {
@@ -31,26 +33,7 @@ def saved_bytes_per_token_layer(shape: dict, chunk: int = 256, layers: int = 2) 
                       **{**shape, "num_hidden_layers": layers})
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    adapter = CausalLMAdapter(model)
-    state = adapter.new_state(1, 2 * chunk)
-    ids = torch.randint(0, cfg.vocab_size, (1, 2 * chunk))
-    skip = {t.untyped_storage().data_ptr() for t in [*state.keys, *state.values, *model.parameters()]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with adapter.chunk_attention("math"):
-        with torch.no_grad():
-            adapter.forward_chunk(ids[:, :chunk], 0, state, phase="fill")
-        state.allocate_grads()
-        hidden = adapter.embed(ids[:, chunk:])
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            adapter.forward_layers(hidden, chunk, state, phase="recompute")
-    return sum(seen.values()) / chunk / layers
+    return activation_bytes_per_token(CausalLMAdapter(model), probe_tokens=chunk, layers_only=True) / layers
 
 
 def main() -> None:

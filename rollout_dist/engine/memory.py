@@ -43,15 +43,16 @@ def logits_bytes_per_token(adapter: CausalLMAdapter, vocab_tile: int = 0) -> int
     return vocab * (2 * itemsize + 8)
 
 
-def activation_bytes_per_token(adapter: CausalLMAdapter, probe_tokens: int = 32) -> int:
+def activation_bytes_per_token(adapter: CausalLMAdapter, probe_tokens: int = 32, layers_only: bool = False) -> int:
     """Bytes autograd keeps per chunk token through the embedding, all decoder layers and the final norm during a
     recompute, counted on a probe chunk (after a probe prefix of the same length) on the model's own device;
-    weights and the carried buffers are not counted, nor the logits (``logits_bytes_per_token``)."""
+    weights and the carried buffers are not counted, nor the logits (``logits_bytes_per_token``).  With
+    ``layers_only`` the decoder layers alone (the chunk's embedded input still requires grad, as in training)."""
     with torch.random.fork_rng(devices=[adapter.device] if adapter.device.type == "cuda" else []):
-        return _count_saved_bytes(adapter, probe_tokens)
+        return _count_saved_bytes(adapter, probe_tokens, layers_only)
 
 
-def _count_saved_bytes(adapter: CausalLMAdapter, probe_tokens: int) -> int:
+def _count_saved_bytes(adapter: CausalLMAdapter, probe_tokens: int, layers_only: bool) -> int:
     state = adapter.new_state(1, 2 * probe_tokens)
     state.allocate_grads()
     ids = torch.zeros((1, 2 * probe_tokens), dtype=torch.long, device=adapter.device)
@@ -67,8 +68,14 @@ def _count_saved_bytes(adapter: CausalLMAdapter, probe_tokens: int) -> int:
     with adapter.chunk_attention("math"):  # the reference split kernel saves what the fused ones save
         with torch.no_grad():
             adapter.forward_chunk(ids[:, :probe_tokens], 0, state, phase="fill")
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            adapter.forward_chunk(ids[:, probe_tokens:], probe_tokens, state, phase="recompute")
+        with torch.enable_grad():
+            chunk_ids = ids[:, probe_tokens:]
+            hidden = adapter.embed(chunk_ids) if layers_only else None
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if layers_only:
+                    adapter.forward_layers(hidden, probe_tokens, state, phase="recompute")
+                else:
+                    adapter.forward_chunk(chunk_ids, probe_tokens, state, phase="recompute")
     return -(-sum(saved.values()) // probe_tokens)
 
 
