@@ -146,7 +146,27 @@ def load_documents(path: str | None, tokenizer, vocab_size: int, *, text_field: 
     return docs, report
 
 
-class DocumentOrder:
+class EpochCursor:
+    """A rank's place in a per-epoch document order: ``next()`` walks ``_epoch_order()`` and starts the next
+    epoch at its end; ``epoch`` and ``position`` are what a checkpoint keeps."""
+
+    epoch: int
+    position: int
+
+    def _epoch_order(self) -> list[int]:
+        raise NotImplementedError
+
+    def next(self) -> int:
+        order = self._epoch_order()
+        if self.position >= len(order):
+            self.epoch, self.position = self.epoch + 1, 0
+            order = self._epoch_order()
+        index = order[self.position]
+        self.position += 1
+        return index
+
+
+class DocumentOrder(EpochCursor):
     """Which document a data-parallel rank trains on next: a seeded shuffle per epoch, rank-strided.
 
     ``state_dict`` holds the epoch and position, so a resumed run continues with the same documents.
@@ -164,15 +184,6 @@ class DocumentOrder:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         usable = len(order) - len(order) % self.world  # every rank gets the same number of documents
         return order[self.rank:usable:self.world]
-
-    def next(self) -> int:
-        order = self._epoch_order()
-        if self.position >= len(order):
-            self.epoch, self.position = self.epoch + 1, 0
-            order = self._epoch_order()
-        index = order[self.position]
-        self.position += 1
-        return index
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_docs": self.num_docs}

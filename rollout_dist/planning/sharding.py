@@ -25,6 +25,8 @@ import random
 import numpy as np
 import xxhash
 
+from ..data import EpochCursor
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ def imbalance(assignment: list[list[int]], tokens: np.ndarray) -> dict:
             "attention": float(att.max() / att.mean()) if att.mean() else 1.0}
 
 
-class BalancedSharder:
+class BalancedSharder(EpochCursor):
     """Which document a data-parallel rank trains on next, balanced as described in the module docstring.
 
     ``tokens[i]``: tokens of document i (``ChunkIndex.token_counts()``); ``next()`` returns a document index.
@@ -95,7 +97,7 @@ class BalancedSharder:
         rng.shuffle(steps)
         return [[mine[i] for i in steps] for mine in per_rank], left_out
 
-    def _order(self) -> list[int]:
+    def _epoch_order(self) -> list[int]:
         if self._cache is None or self._cache[0] != self.epoch:
             per_rank, left_out = self.epoch_plan(self.epoch)
             if left_out and self.rank == 0:
@@ -103,15 +105,6 @@ class BalancedSharder:
                             "each epoch)", self.epoch, len(left_out), len(per_rank[0]))
             self._cache = (self.epoch, per_rank[self.rank])
         return self._cache[1]
-
-    def next(self) -> int:
-        order = self._order()
-        if self.position >= len(order):
-            self.epoch, self.position = self.epoch + 1, 0
-            order = self._order()
-        doc = order[self.position]
-        self.position += 1
-        return doc
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world": self.world,
