@@ -21,6 +21,8 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _probe import BackwardStopper, ProbeDone  # noqa: E402
+
 from rollout_dist import chunked_forward_backward  # noqa: E402
 from rollout_dist.engine.memory import activation_bytes_per_token, estimate_peak  # noqa: E402
 from rollout_dist.model import CausalLMAdapter  # noqa: E402
@@ -120,39 +122,20 @@ def predicted_gib(model, T, chunk, opts) -> float:
     return round(est.total / 2 ** 30, 2)
 
 
-class _ProbeDone(Exception):
-    pass
-
-
 def probe_memory(model, opt, T, chunk, backward_chunks, opts):
-    """Fill forward over all chunks, then the backward of the last ``backward_chunks`` chunks: the memory held
-    then (all K/V, all dK/dV, weights, grads, optimizer states, one chunk's activations) is the step's peak,
-    which stays flat for the remaining chunks.  Used where a whole step would outlast the device call."""
-    calls, times = 0, []
-
-    def backward(loss):
-        nonlocal calls
-        loss.backward()
-        torch.cuda.synchronize()
-        times.append(time.time())
-        calls += 1
-        if calls == backward_chunks:
-            raise _ProbeDone
-
+    """Fill forward over all chunks, then the backward of the last ``backward_chunks`` chunks (bench/_probe.py):
+    the step's peak, for lengths where a whole step would outlast the device call."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     rec = {"system": "rollout_dist_probe", "T": T, "chunk": chunk, "gpu": torch.cuda.get_device_name(),
            "backward_chunks": backward_chunks, **opts, "predicted_peak_gib": predicted_gib(model, T, chunk, opts)}
-    t0 = time.time()
+    stopper = BackwardStopper(torch.Tensor.backward, backward_chunks)
     try:
         ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
-        chunked_forward_backward(model, ids, chunk_size=chunk, backward=backward, **opts)
-    except _ProbeDone:
-        per_chunk = [b - a for a, b in zip(times, times[1:])]
-        rec.update(fits=True, fill_and_first_backward_s=round(times[0] - t0, 1),
-                   backward_chunk_s=[round(x, 2) for x in per_chunk],
-                   peak_mem_gib=_peak_gib())
+        chunked_forward_backward(model, ids, chunk_size=chunk, backward=stopper, **opts)
+    except ProbeDone:
+        rec.update(stopper.summary(), peak_mem_gib=_peak_gib())
     except torch.OutOfMemoryError:
         rec.update(oom=True, peak_mem_gib=_peak_gib())
     finally:

@@ -19,23 +19,19 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _probe import BackwardStopper, ProbeDone  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from rollout_dist.config import to_train_config  # noqa: E402
 from rollout_dist.trainer import Trainer  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
-
-
-class _ProbeDone(Exception):
-    pass
 
 
 def emit(rec: dict) -> None:
@@ -78,7 +74,7 @@ def run_length(tokens: int, overrides: list[str], steps: int, probe_chunks: int,
     trainer = trainer_for(tokens, overrides, workdir, max(steps, 1))
     trainer.setup()
     cfg = trainer.cfg
-    rec = {"T": tokens, "model": cfg.model.name, "chunk": cfg.rollout.chunk_size, "offload": cfg.rollout.offload,
+    rec = {"T": tokens, "model": cfg.model.name, "chunk": trainer.rollout.chunk_size, "offload": cfg.rollout.offload,
            "vocab_tile": cfg.rollout.vocab_tile, "zero_stage": cfg.trainer.zero_stage,
            "offload_optimizer": cfg.trainer.offload_optimizer, "attention": cfg.rollout.attention,
            "keep_attention": cfg.rollout.keep_attention, "overrides": overrides,
@@ -104,35 +100,17 @@ def run_length(tokens: int, overrides: list[str], steps: int, probe_chunks: int,
 
 def probe(trainer: Trainer, chunks: int) -> dict:
     engine, real = trainer.engine, trainer.engine.backward
-    times: list[float] = []
-
-    def backward(loss, *args, **kwargs):
-        out = real(loss, *args, **kwargs)
-        _sync()
-        times.append(time.perf_counter())
-        if len(times) == chunks:
-            raise _ProbeDone
-        return out
-
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    engine.backward = backward
-    t0 = time.perf_counter()
+    engine.backward = stopper = BackwardStopper(real, chunks)
     try:
         trainer.accumulate([trainer.docs[0]])
-    except _ProbeDone:
+    except ProbeDone:
         pass
     finally:
         engine.backward = real
-    return {"mode": "probe", "backward_chunks": len(times), "fits": len(times) == chunks,
-            "fill_and_first_backward_s": round(times[0] - t0, 1) if times else None,
-            "backward_chunk_s": [round(b - a, 2) for a, b in zip(times, times[1:])],
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else 0.0}
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    peak = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else 0.0
+    return {"mode": "probe", **stopper.summary(), "peak_mem_gib": peak}
 
 
 def main() -> None:
