@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from _probe import BackwardStopper, ProbeDone  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from rollout_dist.config import to_train_config  # noqa: E402
+from rollout_dist.config import ConfigError, to_train_config  # noqa: E402
+from rollout_dist.data import DataError  # noqa: E402
 from rollout_dist.trainer import Trainer  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
@@ -129,7 +130,10 @@ def main() -> None:
                             "--steps", str(args.steps), "--", *args.overrides], check=False)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        records = [run_length(args.tokens[0], args.overrides, args.steps, probes[0], Path(tmp))]
+        try:
+            records = [run_length(args.tokens[0], args.overrides, args.steps, probes[0], Path(tmp))]
+        except (ConfigError, DataError) as err:  # a bad override: its one-line message, as launch/train.py
+            sys.exit(f"bench/train_long.py: {err}")
     print("\nmodel        T          mode    tok/s     step s   GPU peak GiB  host RSS GiB")
     for r in records:
         print(f"{r['model']:<12} {r['T']:<10} {r.get('mode', 'OOM'):<7} {r.get('tok_s', '-'):<9} "

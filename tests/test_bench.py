@@ -21,3 +21,11 @@ def test_train_long_steps_and_probe_write_json(tmp_path):
     steps, probe = records
     assert steps["tok_s"] > 0 and steps["loss"] > 0 and steps["offload"] == "kv" and steps["vocab_tile"] == 100
     assert probe["fits"] and probe["backward_chunks"] == 3 and len(probe["backward_chunk_s"]) == 2
+
+
+def test_train_long_names_a_bad_override(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "train_long.py"), "--tokens", "300", "--", "model=tiny",
+           "trainer.device=cpu", "rollout.offload=disk"]
+    proc = subprocess.run(cmd, env=child_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "rollout.offload='disk' is not one of" in proc.stderr and "Traceback" not in proc.stderr
