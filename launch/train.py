@@ -41,6 +41,7 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger("rollout_dist").error("%s", err)
         sys.exit(2)
     trainer.fit()
+    trainer.close()
 
 
 if __name__ == "__main__":

@@ -394,6 +394,14 @@ class Trainer:
             return None
         return {k: v for shard in shards for k, v in shard.items()}
 
+    def close(self) -> None:
+        """Ends the process group once every rank is done (rank 0 writes the final model last): a rank leaving
+        with its group alive can abort at exit ("terminate called without an active exception", seen with
+        gloo under torchrun). For the entry point; a process that trains again keeps its group."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def _finish(self, history: list[StepStats]) -> None:
         torch.distributed.barrier()
         full_state = self._gather_full_state() if self.cfg.checkpoint.save_final else None
