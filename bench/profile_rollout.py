@@ -3,8 +3,11 @@
 Part 1: attention microbenchmarks (forward + backward) for one chunk of queries against a long prefix, for
 the kernels the chunk attention could use: SDPA with a lower-right causal bias (today's path), SDPA flash and
 cuDNN on the split problem (dense prefix + causal diagonal block), and full-sequence causal attention (what HF
-runs) for reference.  Part 2: a torch.profiler table of one step at a given length.  JSON lines to stdout and
-$OUT/profile.jsonl.
+runs) for reference, beside rollout_dist's own split kernel as the rollout calls it.  Part 2: one whole step per
+variant under torch.profiler: the top kernels, and GPU seconds by kind (attention, matmul, copy, optimizer, other)
+against the step's wall time.  JSON lines to stdout and $OUT/profile.jsonl.
+
+    python bench/profile_rollout.py --T 131072 --variants cudnn+keep:16384 --micro 16384
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from rollout_dist.model.split_attention import split_chunk_attention  # noqa: E402
+
 OUT = os.environ.get("OUT", "/tmp")
 
 
@@ -68,8 +73,23 @@ def attention_micro(q_len, prefix, hq=32, hkv=4, d=64):
                 torch.autograd.backward([o1, o2], [go, go])  # timing only (no LSE merge)
         return fn
 
+    def ours():  # rollout_dist's split kernel as the rollout calls it (grouped K/V heads as they are)
+        o = split_chunk_attention(q, k, v, None, "cudnn")
+        torch.autograd.backward(o, go)
+
+    def ours_forward():
+        with torch.no_grad():
+            split_chunk_attention(q, k, v, None, "cudnn")
+
     results = {}
-    for name, fn in [("lower_right_bias", lower_right), ("split_flash", split(SDPBackend.FLASH_ATTENTION)),
+    try:
+        t_fwd = timed(ours_forward)
+        results["rollout_split_cudnn_fwd"] = {"ms": round(t_fwd * 1e3, 2),
+                                              "tflops": round(flops / 3.5 / t_fwd / 1e12, 1)}
+    except Exception as err:
+        results["rollout_split_cudnn_fwd"] = {"error": str(err).splitlines()[0][:160]}
+    for name, fn in [("rollout_split_cudnn", ours), ("lower_right_bias", lower_right),
+                     ("split_flash", split(SDPBackend.FLASH_ATTENTION)),
                      ("split_cudnn", split(SDPBackend.CUDNN_ATTENTION)),
                      ("split_efficient", split(SDPBackend.EFFICIENT_ATTENTION))]:
         try:
@@ -101,47 +121,70 @@ def full_causal_micro(T, hq=32, hkv=4, d=64):
     emit({"what": "full_causal_fwd_bwd", "T": T, **out})
 
 
-def profile_step(T, chunk):
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import LlamaConfig, LlamaForCausalLM
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "sm90_", "wgmma")),
+    ("copy", ("memcpy", "memset", "copy", "cat", "fill")),
+    ("optimizer", ("adam",)),
+)
 
-    from rollout_dist import chunked_forward_backward
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=1 << 22,
-                      attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
-    ids = torch.randint(0, 32000, (1, T), device="cuda")
-    chunked_forward_backward(model, ids[:, :8192], chunk_size=min(chunk, 8192))
-    model.zero_grad(set_to_none=True)
-    for c in sorted({chunk, 2048, 8192, 16384}):
-        torch.cuda.synchronize()
-        t0 = time.time()
-        chunked_forward_backward(model, ids, chunk_size=c)
-        torch.cuda.synchronize()
-        emit({"what": "step_no_opt", "T": T, "chunk": c, "s": round(time.time() - t0, 3),
-              "tok_s": round(T / (time.time() - t0), 1)})
-        model.zero_grad(set_to_none=True)
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "elementwise/other")
+
+
+def profile_step(T, variant, optimizer=True):
+    """One whole step (rollout + fused AdamW) of ``variant`` (bench/rollout_vs_hf.py syntax) under the profiler:
+    the top kernels, and GPU time by kind of kernel against the step's wall time (the rest is GPU idle)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from rollout_vs_hf import build, ours_step, parse_variant
+    label, chunk, opts = parse_variant(variant)
+    model, opt = build("tinyllama_1b", "adamw" if optimizer else "none")
+    ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
+    ours_step(model, opt, ids[:, :8192], min(chunk, 8192), **opts)  # warm-up, creates the optimizer states
+    torch.cuda.synchronize()
+    t0 = time.time()
+    ours_step(model, opt, ids, chunk, **opts)
+    torch.cuda.synchronize()
+    plain = time.time() - t0
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        chunked_forward_backward(model, ids, chunk_size=chunk)
+        t0 = time.time()
+        ours_step(model, opt, ids, chunk, **opts)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90)
+        profiled = time.time() - t0
+    kinds: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        kinds[kernel_kind(ev.key)] = kinds.get(kernel_kind(ev.key), 0.0) + us / 1e6
+    emit({"what": "step_profile", "variant": variant, "T": T, "step_s": round(plain, 3),
+          "profiled_step_s": round(profiled, 3), "gpu_s_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items())},
+          "gpu_busy_s": round(sum(kinds.values()), 3)})
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=100)
     print(table)
-    with open(os.path.join(OUT, f"profile_T{T}.txt"), "w") as f:
+    with open(os.path.join(OUT, f"profile_T{T}_{label.replace('/', '_')}.txt"), "w") as f:
         f.write(table)
+    del model, opt
+    torch.cuda.empty_cache()
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, default=65536)
-    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--variants", nargs="*", default=["cudnn:4096"],
+                    help="rollout_dist variants to profile, as in bench/rollout_vs_hf.py (ATTENTION[+keep]...:CHUNK)")
+    ap.add_argument("--micro", type=int, nargs="*", default=[4096, 16384],
+                    help="query lengths of the attention microbenchmarks (none: skip them)")
     args = ap.parse_args()
-    for prefix in (0, 12288, 61440, 126976):
-        attention_micro(4096, prefix)
-    attention_micro(8192, 57344)
-    full_causal_micro(16384)
-    full_causal_micro(65536)
-    profile_step(args.T, args.chunk)
+    for q_len in args.micro:
+        for prefix in (0, args.T // 2 - q_len, args.T - q_len):
+            if prefix >= 0:
+                attention_micro(q_len, prefix)
+    if args.micro:
+        full_causal_micro(16384)
+    for variant in args.variants:
+        profile_step(args.T, variant)
 
 
 if __name__ == "__main__":

@@ -61,12 +61,30 @@ def matmul_peak():
     return 2 * n ** 3 * 10 / (e0.elapsed_time(e1) / 1e3) / 1e12
 
 
-def build(shape):
+class NoOptimizer:
+    """``--optimizer none``: steps end at the gradients, as on the GPU under ZeRO-Offload (optimizer states and
+    update on the host), so an 8B model's fwd/bwd fits beside its carried state."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def build(shape, optimizer="adamw"):
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=1 << 22, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    with torch.device("cuda"):  # initialised on the GPU in bf16: an 8B model in fp32 on the host takes minutes
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
     model.config.use_cache = False
+    if optimizer == "none":
+        return model, NoOptimizer(model.parameters())
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
@@ -193,12 +211,14 @@ def main():
     ap.add_argument("--probe", type=int, nargs="*", default=[],
                     help="lengths to probe for memory only (fill + a few backward chunks), after the timed runs")
     ap.add_argument("--probe-chunks", type=int, default=3)
+    ap.add_argument("--optimizer", choices=["adamw", "none"], default="adamw",
+                    help="none: steps stop at the gradients (optimizer states off the GPU, as under ZeRO-Offload)")
     args = ap.parse_args()
     t_start = time.time()
     deadline = t_start + args.budget
     peak = matmul_peak()
     emit({"what": "bf16_matmul_8192", "tflops": round(peak, 1), "gpu": torch.cuda.get_device_name(),
-          "torch": torch.__version__})
+          "torch": torch.__version__, "model": args.model, "optimizer": args.optimizer})
     runs = [("hf_fullseq", hf_step, args.hf, None, {})]
     for variant in args.variants:
         label, chunk, opts = parse_variant(variant)
@@ -207,7 +227,7 @@ def main():
         probes = args.probe if system.startswith("rollout_dist") else []
         if not lengths and not probes:
             continue
-        model, opt = build(args.model)
+        model, opt = build(args.model, args.optimizer)
         if system == "hf_fullseq":
             model.gradient_checkpointing_enable()
         # the warm-up step also creates the optimizer states, so later peaks include them

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4 on the device tool's machines. Needs .whl/ (../shared/device/make-wheels.sh) carried with each call.
 #   bash bench/device/issue4.sh quick     # one H200, < 10 min: GPU tests of offload/tiles, speed variants vs HF
+#   bash bench/device/issue4.sh round4    # one H200, < 10 min: profile of the 131K step by kernel kind; Llama-3-8B
+#                                         # (fwd/bwd, optimizer off the GPU) at 32K vs HF, and a 512K probe, kv offload
 #   bash bench/device/issue4.sh start1m   # one H200: a whole training step at 1,048,576 tokens, detached (~17 min)
 #   bash bench/device/issue4.sh start2m   # one H200: starts the 2M-token offload probe detached (about 20 min)
 #   bash bench/device/issue4.sh start8b   # 2x H200 host (256 GiB RAM, one GPU used): Llama-3-8B, 128K steps + 512K probe
@@ -28,6 +30,13 @@ case "${1:-quick}" in
     python -m pytest -q -m gpu tests/test_offload.py tests/test_exact.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
     python bench/rollout_vs_hf.py --hf 131072 --ours 131072 --steps 1 --budget 420 \
       --variants cudnn:16384 cudnn+keep:16384 cudnn+keep+vt8192:32768 cudnn+kv:16384 cudnn+all:16384
+    ;;
+  round4)
+    python bench/profile_rollout.py --T 131072 --variants cudnn+keep:16384 --micro 16384 2>&1 | tail -45
+    python bench/rollout_vs_hf.py --model llama3_8b --optimizer none --hf 32768 --ours 32768 --steps 1 --budget 150 \
+      --variants cudnn+vt16384:8192 cudnn+keep+vt16384:8192
+    python bench/rollout_vs_hf.py --model llama3_8b --optimizer none --hf --ours --probe 524288 --probe-chunks 2 \
+      --variants cudnn+kv+vt16384:2048 --budget 400
     ;;
   start1m)
     detach python bench/rollout_vs_hf.py --hf --ours 1048576 --steps 1 --budget 3000 --variants cudnn:16384 ;;
