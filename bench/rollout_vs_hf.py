@@ -97,19 +97,22 @@ def hf_step(model, opt, ids, chunk):
 
 
 def parse_variant(variant: str) -> tuple[str, int, dict]:
-    """ATTENTION[+keep][+kv|+all][+vtN]:CHUNK -> (label, chunk, chunked_forward_backward options)."""
+    """ATTENTION[+keep|+keepN][+kv|+all][+vtN]:CHUNK -> (label, chunk, chunked_forward_backward options);
+    keepN keeps the attention outputs of the chunks in the last N tokens only."""
     spec, chunk = variant.split(":")
     attention, *flags = spec.split("+")
     opts = {"attention": attention}
     for flag in flags:
         if flag == "keep":
             opts["keep_attention"] = True
+        elif flag.startswith("keep") and flag[4:].isdigit():
+            opts.update(keep_attention=True, keep_tokens=int(flag[4:]))
         elif flag in ("kv", "all"):
             opts["offload"] = flag
         elif flag.startswith("vt") and flag[2:].isdigit():
             opts["vocab_tile"] = int(flag[2:])
         else:
-            raise SystemExit(f"variant {variant!r}: unknown flag {flag!r} (keep, kv, all, vtN)")
+            raise SystemExit(f"variant {variant!r}: unknown flag {flag!r} (keep, keepN, kv, all, vtN)")
     return f"rollout_dist[{spec}]", int(chunk), opts
 
 
@@ -136,6 +139,7 @@ def predicted_gib(model, T, chunk, opts) -> float:
         p.numel() * p.element_size() for p in model.parameters() if p.grad is None)  # gradients come back
     est = estimate_peak(adapter, T, chunk, fixed=fixed, offload=opts.get("offload", "none"),
                         keep_attention=opts.get("keep_attention", False), vocab_tile=opts.get("vocab_tile", 0),
+                        keep_tokens=opts.get("keep_tokens", 0),
                         activation_per_token=_ACTIVATION_PER_TOKEN[id(model)])
     return round(est.total / 2 ** 30, 2)
 
@@ -203,9 +207,9 @@ def main():
     ap.add_argument("--ours", type=int, nargs="*", default=[131072, 262144], help="lengths for rollout_dist")
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--variants", nargs="*", default=["auto:4096"],
-                    help="rollout_dist variants as ATTENTION[+keep][+kv|+all][+vtN]:CHUNK (attention: auto, cudnn, "
-                         "flash, sdpa; keep: rollout.keep_attention; kv/all: rollout.offload; vtN: "
-                         "rollout.vocab_tile=N)")
+                    help="rollout_dist variants as ATTENTION[+keep|+keepN][+kv|+all][+vtN]:CHUNK (attention: auto, "
+                         "cudnn, flash, sdpa; keep: rollout.keep_attention; keepN: also keep_attention_tokens=N; "
+                         "kv/all: rollout.offload; vtN: rollout.vocab_tile=N)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per length (after one warm-up step)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later lengths are skipped after it")
     ap.add_argument("--probe", type=int, nargs="*", default=[],
@@ -256,7 +260,8 @@ def main():
                   f"{r.get('peak_mem_gib', '-'):<9} {r.get('step_s', '-')}")
     for r in RECORDS:
         if r.get("system") == "rollout_dist_probe":
-            opts = "+".join(f"{k}={v}" for k, v in r.items() if k in ("attention", "offload", "vocab_tile"))
+            opts = "+".join(f"{k}={v}" for k, v in r.items()
+                            if k in ("attention", "offload", "vocab_tile", "keep_tokens"))
             print(f"probe {opts:<30} {r['chunk']:<6} {r['T']:<9} {'fits' if r.get('fits') else 'OOM':<9} "
                   f"{'':<6} {'':<6} {r.get('peak_mem_gib', '-'):<9} backward chunk s {r.get('backward_chunk_s')}")
 

@@ -64,7 +64,8 @@ def trainer_for(tokens: int, overrides: list[str], workdir: Path, steps: int) ->
     data.mkdir()
     write_document(data, tokens)
     with initialize_config_dir(config_dir=str(ROOT / "hydra_conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"data.path={data}", f"checkpoint.dir={workdir / f'run_{tokens}'}",
+        cfg = compose("config", overrides=[*overrides, f"data.path={data}",
+                                           f"checkpoint.dir={workdir / f'run_{tokens}'}",
                                            f"trainer.max_steps={steps}", "trainer.grad_accum=1",
                                            "trainer.tensorboard=false", "checkpoint.save_final=false",
                                            "data.shuffle=false", "data.max_doc_tokens=null"])

@@ -116,6 +116,11 @@ class RolloutConfig:
     """Keep every layer's attention output of the fill pass (2 x hidden bytes per token per layer, plus the
     log-sum-exp) so the backward pass does not compute attention forward again: faster, more memory. Applies
     with the split kernels (auto/cudnn/flash/math)."""
+    keep_attention_tokens: int = 0
+    """With keep_attention: keep the outputs only of the chunks that start within the last N tokens of a
+    document (0: of every chunk). The last chunks have the longest prefixes, so their attention forward costs
+    most: keeping a quarter of a document's tokens saves almost half of the recomputed attention, for documents
+    too long to keep them all."""
     offload: str = "none"
     """Where the carried state lives: none (GPU), kv (K/V in pinned host memory, staged into the GPU a layer at
     a time on a side stream; dK/dV stay on the GPU) or all (K/V and dK/dV on the host). GPU memory then no longer
@@ -130,6 +135,9 @@ class RolloutConfig:
                               f"to pick it from GPU memory; got {self.chunk_size!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"rollout.attention={self.attention!r} is not one of {ATTENTION_KERNELS}")
+        if not isinstance(self.keep_attention_tokens, int) or self.keep_attention_tokens < 0:
+            raise ConfigError(f"rollout.keep_attention_tokens={self.keep_attention_tokens!r} must be 0 (every chunk) "
+                              "or a positive number of tokens at the end of each document")
         if not isinstance(self.vocab_tile, int) or self.vocab_tile < 0:
             raise ConfigError(f"rollout.vocab_tile={self.vocab_tile!r} must be 0 (off) or a positive number of rows")
         if self.offload not in OFFLOAD_MODES:

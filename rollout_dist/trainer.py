@@ -100,7 +100,7 @@ class Trainer:
             progress=os.environ.get("RANK", "0") == "0")
         self.rollout = ExactRollout(cfg.rollout.chunk_size or CPU_AUTO_CHUNK, attention=cfg.rollout.attention,
                                     keep_attention=cfg.rollout.keep_attention, offload=cfg.rollout.offload,
-                                    vocab_tile=cfg.rollout.vocab_tile)
+                                    vocab_tile=cfg.rollout.vocab_tile, keep_tokens=cfg.rollout.keep_attention_tokens)
         self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)
                               if cfg.data.chunk_index else None)
         if cfg.rollout.offload != "none" and self.docs:
@@ -150,7 +150,8 @@ class Trainer:
                 self.rollout = PipelineRollout(self.rollout.chunk_size, self.layout,
                                                attention=self.cfg.rollout.attention,
                                                keep_attention=self.cfg.rollout.keep_attention,
-                                               vocab_tile=self.cfg.rollout.vocab_tile)
+                                               vocab_tile=self.cfg.rollout.vocab_tile,
+                                               keep_tokens=self.cfg.rollout.keep_attention_tokens)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.rank == 0:
@@ -221,7 +222,7 @@ class Trainer:
         longest = self.longest_doc
         chunk = pick_chunk_size(CausalLMAdapter(self.engine.module), longest, capacity, offload=ro.offload,
                                 keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile,
-                                activation_per_token=self._activation_per_token)
+                                activation_per_token=self._activation_per_token, keep_tokens=ro.keep_attention_tokens)
         if self.world > 1:
             picked = torch.tensor([chunk], device=self.device)
             torch.distributed.all_reduce(picked, op=torch.distributed.ReduceOp.MIN)
@@ -238,7 +239,7 @@ class Trainer:
                     default=self.rollout.chunk_size) if self.planned_spans else self.rollout.chunk_size
         est = estimate_peak(CausalLMAdapter(self.engine.module), self.longest_doc, chunk, offload=ro.offload,
                             keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile,
-                            activation_per_token=self._activation_per_token)
+                            activation_per_token=self._activation_per_token, keep_tokens=ro.keep_attention_tokens)
         if capacity is None:
             capacity = torch.cuda.get_device_properties(self.device).total_memory
         log.info("GPU memory, predicted peak for the longest document: %s of %.1f GiB", est.describe(),

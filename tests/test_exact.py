@@ -15,6 +15,7 @@ F64_LOSS_TOL = 1e-12
 OPTIMISATIONS = {
     "plain": {},
     "split+keep": {"attention": "math", "keep_attention": True},
+    "split+keep_last9": {"attention": "math", "keep_attention": True, "keep_tokens": 9},
     "offload_kv": {"offload": "kv"},
     "offload_all": {"offload": "all"},
     "vocab_tile": {"vocab_tile": 7},
@@ -199,8 +200,9 @@ def test_model_attention_setting_is_restored():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 flash-attention path needs a CUDA GPU")
-@pytest.mark.parametrize("attention,keep", [("sdpa", False), ("cudnn", False), ("flash", False), ("cudnn", True)])
-def test_bf16_gpu_error_no_larger_than_full_sequence_bf16(attention, keep):
+@pytest.mark.parametrize("attention,keep,keep_tokens", [("sdpa", False, 0), ("cudnn", False, 0), ("flash", False, 0),
+                                                         ("cudnn", True, 0), ("cudnn", True, 400)])
+def test_bf16_gpu_error_no_larger_than_full_sequence_bf16(attention, keep, keep_tokens):
     """bf16 chunked vs an fp32 reference: error at most 1.5x that of full-sequence bf16 (same weights)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     model32 = tiny_model("llama", dtype=torch.float32, hidden_size=256, intermediate_size=512,
@@ -215,18 +217,19 @@ def test_bf16_gpu_error_no_larger_than_full_sequence_bf16(attention, keep):
     full_err = total_rel_error(full, ref)
     for chunk_size in (128, 333):
         result = chunked_forward_backward(model16, ids, chunk_size=chunk_size, attention=attention,
-                                          keep_attention=keep)
+                                          keep_attention=keep, keep_tokens=keep_tokens)
         err = total_rel_error(grads_of(model16), ref)
         model16.zero_grad(set_to_none=True)
         assert err <= 1.5 * full_err, f"chunk {chunk_size}: {err:.3e} vs full bf16 {full_err:.3e}"
         assert abs(result.loss - ref_loss) <= 1.5 * abs(full_loss - ref_loss) + 1e-3
 
 
-@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("keep,keep_tokens", [(False, 0), (True, 0), (True, 10)], ids=["off", "all", "last10"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_float64_split_attention_and_kept_outputs(family, keep):
+def test_float64_split_attention_and_kept_outputs(family, keep, keep_tokens):
     """The split kernel path (prefix + diagonal merged by log-sum-exp, backward from the merged statistics),
-    in plain torch on CPU; with ``keep_attention`` the backward pass reuses the fill pass's outputs."""
+    in plain torch on CPU; with ``keep_attention`` the backward pass reuses the fill pass's outputs (with
+    ``keep_tokens``, only those of the chunks starting in the last ``keep_tokens`` tokens)."""
     from rollout_dist.model import split_attention as sa
     model = tiny_model(family)
     ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(12))
@@ -237,18 +240,21 @@ def test_float64_split_attention_and_kept_outputs(family, keep):
         sa._forward_kernel = lambda *a, **k: calls.append(1) or real(*a, **k)
         for chunk_size in (1, 5, 8, 23):
             calls.clear()
-            engine = ExactRollout(chunk_size, attention="math", keep_attention=keep, verify_recompute=True)
+            engine = ExactRollout(chunk_size, attention="math", keep_attention=keep, verify_recompute=True,
+                                  keep_tokens=keep_tokens)
             result = engine.run(model, ids)
             worst, name = worst_rel_error(grads_of(model), ref)
             assert worst <= F64_GRAD_TOL, (chunk_size, name, worst)
             assert abs(result.loss - ref_loss) <= F64_LOSS_TOL * ref_loss
             model.zero_grad(set_to_none=True)
-            chunks = -(-23 // chunk_size)
-            parts = 2 * chunks - 1  # one diagonal part per chunk, one prefix part for every chunk but the first
-            fill_parts = 2 * (chunks - 1) - 1 if chunks > 1 else 0
-            # per layer: the fill pass (all but the last chunk) and the recompute (all chunks, or only the last
-            # one, never stored, when outputs are kept)
-            per_layer = fill_parts + (parts if not keep else (2 if chunks > 1 else 1))
+            starts = list(range(0, 23, chunk_size))
+
+            def parts(s):  # a diagonal part, and a prefix part for every chunk but the first
+                return 1 if s == 0 else 2
+            # per layer: the fill pass (all but the last chunk) and the recompute (the chunks whose outputs were
+            # not kept, and the last one, never stored)
+            kept = [s for s in starts[:-1] if keep and s >= 23 - (keep_tokens or 23)]
+            per_layer = sum(parts(s) for s in starts[:-1]) + sum(parts(s) for s in starts if s not in kept)
             assert len(calls) == 2 * per_layer, (chunk_size, keep, len(calls))
             assert not engine.last_state.attention_cache  # every kept output was used and released
     finally:

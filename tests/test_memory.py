@@ -35,6 +35,50 @@ def test_state_bytes_per_token_equal_what_the_state_allocates(offload):
     assert state.nbytes == 40 * state_bytes_per_token(adapter, offload)
 
 
+def test_partly_kept_outputs_are_counted_for_the_kept_tokens_only():
+    adapter = _adapter(22, **TINYLLAMA)
+    T, keep = 1_048_576, 393_216
+    base = estimate_peak(adapter, T, 16384, fixed=0, activation_per_token=0)
+    part = estimate_peak(adapter, T, 16384, fixed=0, activation_per_token=0, keep_attention=True, keep_tokens=keep)
+    full = estimate_peak(adapter, T, 16384, fixed=0, activation_per_token=0, keep_attention=True)
+    assert part.state - base.state == keep * (137_984 - 45_056)
+    assert full.state - base.state == T * (137_984 - 45_056)
+    longer = estimate_peak(adapter, 1000, 256, fixed=0, activation_per_token=0, keep_attention=True, keep_tokens=T)
+    assert longer.state == 1000 * 137_984  # never more than the document
+
+
+def test_partly_kept_outputs_take_what_the_model_predicts():
+    """The outputs the fill pass keeps (before the backward pass consumes them) are the kept tokens' share."""
+    from rollout_dist.engine.exact import ExactRollout
+    from rollout_dist.engine.memory import kept_bytes_per_token
+    model = tiny_model("llama", num_hidden_layers=2).float()  # fp32 outputs, fp32 log-sum-exp, as in bf16
+    adapter = CausalLMAdapter(model)
+    seen = []
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(3))
+
+    def record(loss):
+        if not seen:  # first backward chunk: the fill pass is over, nothing consumed yet but the last chunk's
+            seen.append(sum(out.nbytes + lse.nbytes for out, lse, _ in engine._state.attention_cache.values()))
+        loss.backward()
+
+    engine = ExactRollout(8, attention="math", keep_attention=True, keep_tokens=20)
+    real_new_state = adapter.new_state
+
+    def capture(*a, **k):
+        engine._state = real_new_state(*a, **k)
+        return engine._state
+    CausalLMAdapter.new_state, saved = (lambda self, *a, **k: capture(*a, **k)), CausalLMAdapter.new_state
+    try:
+        engine.run(model, ids, backward=record)
+    finally:
+        CausalLMAdapter.new_state = saved
+    # chunks start at 0, 8, 16, 24, 32: those at 24 and 32 lie in the last 20 tokens, and the last one (32) is
+    # never stored by the fill pass, so 8 tokens' outputs are held
+    per_token = 2 * (adapter.hidden_size * 4 + 4 * model.config.num_attention_heads)
+    assert seen == [8 * per_token]
+    assert kept_bytes_per_token(adapter) == per_token
+
+
 def test_activation_count_matches_the_per_layer_benchmark_figure():
     """bench/activation_bytes.py counted 90,376 bytes per token per TinyLlama layer (256-token chunk): two more
     layers add twice that; the probe size does not matter; the probe leaves no gradients and no RNG use."""

@@ -3,7 +3,8 @@
 #   bash bench/device/issue4.sh quick     # one H200, < 10 min: GPU tests of offload/tiles, speed variants vs HF
 #   bash bench/device/issue4.sh round4    # one H200, < 10 min: profile of the 131K step by kernel kind; Llama-3-8B
 #                                         # (fwd/bwd, optimizer off the GPU) at 32K vs HF, and a 512K probe, kv offload
-#   bash bench/device/issue4.sh start1m   # one H200: a whole training step at 1,048,576 tokens, detached (~17 min)
+#   bash bench/device/issue4.sh start1m [VARIANT]  # one H200: GPU exactness tests, then a whole training step at
+#                                         # 1,048,576 tokens (default cudnn+keep327680:16384), detached (~16 min)
 #   bash bench/device/issue4.sh start2m   # one H200: starts the 2M-token offload probe detached (about 20 min)
 #   bash bench/device/issue4.sh start8b   # 2x H200 host (256 GiB RAM, one GPU used): Llama-3-8B, 128K steps + 512K probe
 #   bash bench/device/issue4.sh poll [S]  # waits up to S seconds (default 0) for the detached run to end, then
@@ -39,7 +40,9 @@ case "${1:-quick}" in
       --variants cudnn+kv+vt16384:2048 --budget 400
     ;;
   start1m)
-    detach python bench/rollout_vs_hf.py --hf --ours 1048576 --steps 1 --budget 3000 --variants cudnn:16384 ;;
+    detach bash -c "python -m pytest -q -m gpu tests/test_exact.py -k bf16_gpu > $LONG/gpu_tests.log 2>&1;
+      python bench/rollout_vs_hf.py --hf --ours 1048576 --steps 1 --budget 3000 \
+        --variants ${2:-cudnn+keep327680:16384}" ;;
   start2m)
     detach python bench/rollout_vs_hf.py --hf --ours --variants cudnn+kv:16384 --probe 2097152 --probe-chunks 2 \
       --budget 3000 ;;

@@ -103,7 +103,8 @@ class ExactRollout:
 
     ``attention`` picks the chunk-attention kernel (rollout_dist.model.attention.attention_kernel): ``auto`` uses
     cuDNN's fused attention on CUDA in fp16/bf16 and PyTorch SDPA elsewhere.  ``keep_attention`` keeps the
-    fill pass's attention outputs so the backward pass skips the attention forward (more memory).
+    fill pass's attention outputs so the backward pass skips the attention forward (more memory); with
+    ``keep_tokens`` > 0 only for the chunks starting within the last ``keep_tokens`` tokens of the document.
     ``offload`` (none, kv, all) keeps the carried K/V, or K/V and dK/dV, in pinned host memory and stages them
     into the device layer by layer on a side stream (rollout_dist.model.offload).  ``vocab_tile`` > 0 computes
     the LM head and loss in vocabulary tiles (rollout_dist.engine.loss.head_cross_entropy_sum).
@@ -112,7 +113,7 @@ class ExactRollout:
     """
 
     def __init__(self, chunk_size: int, verify_recompute: bool = False, attention: str = "auto",
-                 keep_attention: bool = False, offload: str = "none", vocab_tile: int = 0):
+                 keep_attention: bool = False, offload: str = "none", vocab_tile: int = 0, keep_tokens: int = 0):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if attention not in KERNELS:
@@ -120,7 +121,9 @@ class ExactRollout:
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload={offload!r} is not one of {OFFLOAD_MODES}")
         self.attention, self.offload, self.vocab_tile = attention, offload, vocab_tile
-        self.keep_attention = keep_attention
+        if not isinstance(keep_tokens, int) or keep_tokens < 0:
+            raise ValueError(f"keep_tokens must be 0 (every chunk) or a positive number of tokens, got {keep_tokens!r}")
+        self.keep_attention, self.keep_tokens = keep_attention, keep_tokens
         self.chunk_size = chunk_size
         self.verify_recompute = verify_recompute
         self.last_state: KVState | None = None
@@ -169,6 +172,7 @@ class ExactRollout:
         state = adapter.new_state(batch, length, offload=self.offload)
         state.verify_recompute = self.verify_recompute
         state.keep_attention = self.keep_attention
+        state.keep_from = max(0, length - self.keep_tokens) if self.keep_tokens else 0
         try:
             loss_sum = self._rollout(adapter, state, input_ids, targets, spans, chunk_args, normalizer, backward,
                                      progress or (lambda *_: None))
@@ -206,13 +210,13 @@ def chunked_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, *,
                              labels: torch.Tensor | None = None, loss_normalizer: float | None = None,
                              backward: BackwardFn | None = None, attention: str = "auto",
                              segment_ids: torch.Tensor | None = None, keep_attention: bool = False,
-                             offload: str = "none", vocab_tile: int = 0) -> RolloutResult:
+                             offload: str = "none", vocab_tile: int = 0, keep_tokens: int = 0) -> RolloutResult:
     """Exact chunk-wise forward and backward of ``model`` on ``input_ids`` (B, T); see ``ExactRollout.run``.
 
     Returns ``.loss`` (HF's mean token cross-entropy, labels shifted inside, -100 ignored; ``labels=None`` means
     ``labels=input_ids``) and ``.num_tokens``; every parameter's ``.grad`` accumulates the gradient of that loss.
     """
     rollout = ExactRollout(chunk_size, attention=attention, keep_attention=keep_attention, offload=offload,
-                           vocab_tile=vocab_tile)
+                           vocab_tile=vocab_tile, keep_tokens=keep_tokens)
     return rollout.run(model, input_ids, labels, loss_normalizer=loss_normalizer, backward=backward,
                        segment_ids=segment_ids)

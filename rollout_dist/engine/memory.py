@@ -28,11 +28,15 @@ def state_bytes_per_token(adapter: CausalLMAdapter, offload: str = "none", keep_
     per_token = {"none": 2 * kv,  # K/V and dK/dV
                  "kv": kv + 2 * 2 * one_layer_kind,  # dK/dV, and two slots each for K and V
                  "all": 4 * 2 * one_layer_kind}[offload]  # two slots each for K, V, dK and dV
-    if keep_attention:  # each layer's attention output (model dtype) and fp32 log-sum-exp per query head
-        itemsize = torch.finfo(adapter.dtype).bits // 8
-        heads = adapter.model.config.num_attention_heads
-        per_token += adapter.num_layers * (adapter.hidden_size * itemsize + 4 * heads)
+    if keep_attention:
+        per_token += kept_bytes_per_token(adapter)
     return per_token
+
+
+def kept_bytes_per_token(adapter: CausalLMAdapter) -> int:
+    """``keep_attention``: each layer's attention output (model dtype) and fp32 log-sum-exp per query head."""
+    itemsize = torch.finfo(adapter.dtype).bits // 8
+    return adapter.num_layers * (adapter.hidden_size * itemsize + 4 * adapter.model.config.num_attention_heads)
 
 
 def logits_bytes_per_token(adapter: CausalLMAdapter, vocab_tile: int = 0) -> int:
@@ -101,11 +105,12 @@ class MemoryEstimate:
 
 def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload: str = "none",
                   keep_attention: bool = False, vocab_tile: int = 0, fixed: int | None = None,
-                  activation_per_token: int | None = None) -> MemoryEstimate:
+                  activation_per_token: int | None = None, keep_tokens: int = 0) -> MemoryEstimate:
     """Predicted peak device memory of one rollout of a (1, tokens) document with chunks of ``chunk`` tokens.
 
-    ``fixed`` defaults to the bytes allocated on the model's device now (0 on CPU); optimizer states that are
-    created at the first step are not in it yet."""
+    ``keep_tokens`` > 0 (with ``keep_attention``): outputs kept for at most that many tokens.  ``fixed`` defaults
+    to the bytes allocated on the model's device now (0 on CPU); optimizer states that are created at the first
+    step are not in it yet."""
     device = adapter.device
     if fixed is None:
         fixed = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -115,7 +120,8 @@ def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload:
     one_layer_kv = adapter.kv_bytes_per_token() // adapter.num_layers  # K and V of one layer per token
     return MemoryEstimate(
         tokens=tokens, chunk=chunk, fixed=fixed,
-        state=tokens * state_bytes_per_token(adapter, offload, keep_attention),
+        state=tokens * state_bytes_per_token(adapter, offload)
+        + (min(keep_tokens or tokens, tokens) * kept_bytes_per_token(adapter) if keep_attention else 0),
         chunk_activations=chunk * (activation_per_token + logits_bytes_per_token(adapter, vocab_tile)),
         transient=2 * tokens * one_layer_kv)  # one layer's prefix K/V copies and its prefix dK/dV
 
@@ -126,7 +132,7 @@ def fit_advice(estimate: MemoryEstimate, capacity: int, offload: str, keep_atten
         return None
     ways = []
     if keep_attention:
-        ways.append("rollout.keep_attention=false")
+        ways.append("rollout.keep_attention=false (or a smaller rollout.keep_attention_tokens)")
     if offload == "none":
         ways.append("rollout.offload=kv")
     elif offload == "kv":
@@ -143,7 +149,7 @@ CHUNK_CANDIDATES = (32768, 16384, 8192, 4096, 2048, 1024, 512, 256, 128)
 
 def pick_chunk_size(adapter: CausalLMAdapter, tokens: int, capacity: int, *, offload: str = "none",
                     keep_attention: bool = False, vocab_tile: int = 0, fixed: int | None = None,
-                    activation_per_token: int | None = None, headroom: float = 0.9) -> int:
+                    activation_per_token: int | None = None, headroom: float = 0.9, keep_tokens: int = 0) -> int:
     """The largest chunk of ``CHUNK_CANDIDATES`` whose predicted peak for a ``tokens``-token document stays
     within ``headroom`` of ``capacity`` bytes (larger chunks run faster: fewer, larger attention and matmul
     problems); the smallest candidate when none fits, and never more than the document."""
@@ -153,7 +159,8 @@ def pick_chunk_size(adapter: CausalLMAdapter, tokens: int, capacity: int, *, off
         if chunk > tokens and chunk != CHUNK_CANDIDATES[-1]:
             continue
         est = estimate_peak(adapter, tokens, chunk, offload=offload, keep_attention=keep_attention,
-                            vocab_tile=vocab_tile, fixed=fixed, activation_per_token=activation_per_token)
+                            vocab_tile=vocab_tile, fixed=fixed, activation_per_token=activation_per_token,
+                            keep_tokens=keep_tokens)
         if est.total <= headroom * capacity:
             return min(chunk, tokens)
     return min(CHUNK_CANDIDATES[-1], tokens)

@@ -94,7 +94,7 @@ def chunk_attention_forward(module, query, key, value, attention_mask=None, drop
         backend = "cudnn" if kernel == "auto" else kernel
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         state = context.state
-        if state is not None and getattr(state, "keep_attention", False):
+        if state is not None and state.keeps_attention():
             layer = module.layer_idx - state.layer_offset
             if state.phase == "fill":  # no autograd here: keep the output for the backward pass
                 out, lse, parts = split_forward(query, key, value, scale, backend)

@@ -63,6 +63,7 @@ class KVState:
     filled: int = 0  # positions [0, filled) hold K/V written by the fill phase
     layer_offset: int = 0  # global index of this state's first layer (a pipeline stage holds a slice)
     keep_attention: bool = False
+    keep_from: int = 0  # with keep_attention: only chunks starting at or after this position keep their outputs
     # (layer, chunk start) -> (attention output, log-sum-exp, kernel parts) kept by the fill pass, consumed
     # (popped) by that chunk's recompute when ``keep_attention`` is on
     attention_cache: dict = field(default_factory=dict)
@@ -83,6 +84,10 @@ class KVState:
         kept = sum(t.numel() * t.element_size() for out, lse, _ in self.attention_cache.values() for t in (out, lse))
         return kept + sum(t.numel() * t.element_size()
                           for t in (*self.keys, *self.values, *self.dkeys, *self.dvalues))
+
+    def keeps_attention(self) -> bool:
+        """Whether the current chunk keeps (fill) or finds (recompute) its attention outputs."""
+        return self.keep_attention and self.start >= self.keep_from
 
     def allocate_grads(self) -> None:
         self.dkeys = [torch.zeros_like(k) for k in self.keys]

@@ -27,13 +27,13 @@ class PipelineRollout:
     """One stage's part of the exact rollout.  ``run`` returns the loss sum on the last stage, 0 elsewhere."""
 
     def __init__(self, chunk_size: int, layout: RankLayout, attention: str = "auto", keep_attention: bool = False,
-                 vocab_tile: int = 0):
+                 vocab_tile: int = 0, keep_tokens: int = 0):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if attention not in KERNELS:
             raise ValueError(f"attention={attention!r} is not one of {KERNELS}")
         self.chunk_size, self.layout, self.attention = chunk_size, layout, attention
-        self.keep_attention, self.vocab_tile = keep_attention, vocab_tile
+        self.keep_attention, self.vocab_tile, self.keep_tokens = keep_attention, vocab_tile, keep_tokens
 
     def spans(self, length: int) -> list[tuple[int, int]]:
         return fixed_spans(length, self.chunk_size)
@@ -53,6 +53,7 @@ class PipelineRollout:
         spans = self.spans(length) if spans is None else check_spans(spans, length)
         state = adapter.new_state(batch, length)
         state.keep_attention = self.keep_attention
+        state.keep_from = max(0, length - self.keep_tokens) if self.keep_tokens else 0
         p2p = P2P()
 
         def hidden_shape(s, e):
