@@ -37,3 +37,58 @@ class BackwardStopper:
         return {"backward_chunks": len(times), "fits": len(times) == self.chunks,
                 "fill_and_first_backward_s": round(times[0] - self.start, 1) if times else None,
                 "backward_chunk_s": [round(b - a, 2) for a, b in zip(times, times[1:])]}
+
+
+class PeakTrace:
+    """Records the CUDA allocator's events (with Python stacks) while a probe runs; ``breakdown()`` names what was
+    allocated at the traced peak, summed by the innermost rollout_dist / transformers / torch frame that asked."""
+
+    def __enter__(self):
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                                 max_entries=1_000_000)
+        return self
+
+    def __exit__(self, *exc):
+        self.snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return False
+
+    def breakdown(self, top: int = 14) -> dict:
+        return peak_breakdown(self.snapshot["device_traces"][torch.cuda.current_device()], top)
+
+
+def _where(frames) -> str:
+    for f in frames:  # innermost first
+        name = f.get("filename", "")
+        for root in ("rollout_dist/", "transformers/", "bench/", "torch/"):
+            if root in name:
+                return f"{root}{name.split(root, 1)[1]}:{f.get('line')} {f.get('name')}"
+    return "?"
+
+
+def peak_breakdown(trace: list[dict], top: int = 14) -> dict:
+    """Replays allocator events (alloc / free) to the moment the most bytes were allocated since tracing began,
+    and sums what was live then by where it was allocated (GiB, largest first)."""
+    def replay(stop=None):
+        live, total, best, best_i = {}, 0, -1, -1
+        for i, ev in enumerate(trace if stop is None else trace[:stop + 1]):
+            action = ev.get("action")
+            if action == "alloc":
+                live[ev["addr"]] = ev
+                total += ev["size"]
+            elif action in ("free", "free_requested", "free_completed") and ev["addr"] in live:
+                total -= live.pop(ev["addr"])["size"]
+            if total > best:
+                best, best_i = total, i
+        return live, best, best_i
+
+    _, best, best_i = replay()
+    live, _, _ = replay(best_i)
+    groups: dict[str, list] = {}
+    for ev in live.values():
+        g = groups.setdefault(_where(ev.get("frames", [])), [0, 0])
+        g[0] += ev["size"]
+        g[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"traced_peak_gib": round(best / 2 ** 30, 2), "events": len(trace),
+            "live_at_peak": [{"where": k, "gib": round(v[0] / 2 ** 30, 3), "tensors": v[1]} for k, v in rows]}

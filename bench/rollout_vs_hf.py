@@ -11,6 +11,7 @@ in the same call.  One JSON line per measurement to stdout and $OUT/rollout_vs_h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -21,7 +22,7 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from _probe import BackwardStopper, ProbeDone  # noqa: E402
+from _probe import BackwardStopper, PeakTrace, ProbeDone  # noqa: E402
 
 from rollout_dist import chunked_forward_backward  # noqa: E402
 from rollout_dist.engine.memory import activation_bytes_per_token, estimate_peak  # noqa: E402
@@ -144,20 +145,26 @@ def predicted_gib(model, T, chunk, opts) -> float:
     return round(est.total / 2 ** 30, 2)
 
 
-def probe_memory(model, opt, T, chunk, backward_chunks, opts):
+def probe_memory(model, opt, T, chunk, backward_chunks, opts, trace=False):
     """Fill forward over all chunks, then the backward of the last ``backward_chunks`` chunks (bench/_probe.py):
-    the step's peak, for lengths where a whole step would outlast the device call."""
+    the step's peak, for lengths where a whole step would outlast the device call.  ``trace``: also what was
+    allocated at the peak, by the code that allocated it (bench/_probe.py PeakTrace)."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     rec = {"system": "rollout_dist_probe", "T": T, "chunk": chunk, "gpu": torch.cuda.get_device_name(),
            "backward_chunks": backward_chunks, **opts, "predicted_peak_gib": predicted_gib(model, T, chunk, opts)}
     stopper = BackwardStopper(torch.Tensor.backward, backward_chunks)
+    tracer = PeakTrace() if trace else contextlib.nullcontext()
+    ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
+    rec["allocated_before_gib"] = round(torch.cuda.memory_allocated() / 2 ** 30, 2)
     try:
-        ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
-        chunked_forward_backward(model, ids, chunk_size=chunk, backward=stopper, **opts)
+        with tracer:
+            chunked_forward_backward(model, ids, chunk_size=chunk, backward=stopper, **opts)
     except ProbeDone:
         rec.update(stopper.summary(), peak_mem_gib=_peak_gib())
+        if trace:
+            rec["peak_breakdown"] = tracer.breakdown()
     except torch.OutOfMemoryError:
         rec.update(oom=True, peak_mem_gib=_peak_gib())
     finally:
@@ -215,6 +222,8 @@ def main():
     ap.add_argument("--probe", type=int, nargs="*", default=[],
                     help="lengths to probe for memory only (fill + a few backward chunks), after the timed runs")
     ap.add_argument("--probe-chunks", type=int, default=3)
+    ap.add_argument("--trace", action="store_true",
+                    help="probes also record what was allocated at their peak, by the code that allocated it")
     ap.add_argument("--optimizer", choices=["adamw", "none"], default="adamw",
                     help="none: steps stop at the gradients (optimizer states off the GPU, as under ZeRO-Offload)")
     args = ap.parse_args()
@@ -246,7 +255,7 @@ def main():
             if rec.get("oom"):
                 break
         for T in probes:
-            probe_memory(model, opt, T, chunk, args.probe_chunks, opts)
+            probe_memory(model, opt, T, chunk, args.probe_chunks, opts, args.trace)
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()

@@ -3,6 +3,8 @@
 #   bash bench/device/issue4.sh quick     # one H200, < 10 min: GPU tests of offload/tiles, speed variants vs HF
 #   bash bench/device/issue4.sh round4    # one H200, < 10 min: profile of the 131K step by kernel kind; Llama-3-8B
 #                                         # (fwd/bwd, optimizer off the GPU) at 32K vs HF, and a 512K probe, kv offload
+#   bash bench/device/issue4.sh round5    # one H200, ~6 min: Llama-3-8B at 131K with kept outputs (MFU at hdim 128);
+#                                         # what is allocated at the peak of 512K probes with and without kv offload
 #   bash bench/device/issue4.sh start1m [VARIANT]  # one H200: GPU exactness tests, then a whole training step at
 #                                         # 1,048,576 tokens (default cudnn+keep327680:16384), detached (~16 min)
 #   bash bench/device/issue4.sh start2m   # one H200: starts the 2M-token offload probe detached (about 20 min)
@@ -38,6 +40,12 @@ case "${1:-quick}" in
       --variants cudnn+vt16384:8192 cudnn+keep+vt16384:8192
     python bench/rollout_vs_hf.py --model llama3_8b --optimizer none --hf --ours --probe 524288 --probe-chunks 2 \
       --variants cudnn+kv+vt16384:2048 --budget 400
+    ;;
+  round5)
+    python bench/rollout_vs_hf.py --model llama3_8b --optimizer none --hf --ours 131072 --steps 1 --budget 200 \
+      --variants cudnn+keep+vt16384:4096
+    python bench/rollout_vs_hf.py --hf --ours --probe 524288 --probe-chunks 2 --trace --budget 200 \
+      --variants cudnn+kv:16384 cudnn:16384
     ;;
   start1m)
     detach bash -c "python -m pytest -q -m gpu tests/test_exact.py -k bf16_gpu > $LONG/gpu_tests.log 2>&1;
