@@ -118,9 +118,10 @@ class RolloutConfig:
     with the split kernels (auto/cudnn/flash/math)."""
     keep_attention_tokens: int = 0
     """With keep_attention: keep the outputs only of the chunks that start within the last N tokens of a
-    document (0: of every chunk). The last chunks have the longest prefixes, so their attention forward costs
-    most: keeping a quarter of a document's tokens saves almost half of the recomputed attention, for documents
-    too long to keep them all."""
+    document. The last chunks have the longest prefixes, so their attention forward costs most: keeping a
+    quarter of a document's tokens saves almost half of the recomputed attention, for documents too long to
+    keep them all. 0: every chunk's, or on a GPU, if the memory model (engine/memory.py) says they do not all
+    fit beside the rest within 90% of its memory, those of as many last chunks as fit (logged at start-up)."""
     offload: str = "none"
     """Where the carried state lives: none (GPU), kv (K/V in pinned host memory, staged into the GPU a layer at
     a time on a side stream; dK/dV stay on the GPU) or all (K/V and dK/dV on the host). GPU memory then no longer

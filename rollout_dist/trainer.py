@@ -24,7 +24,7 @@ from .config import ConfigError, TrainConfig
 from .data import Document, DocumentOrder, load_documents
 from .ds_config import deepspeed_config
 from .engine import ExactRollout
-from .engine.memory import activation_bytes_per_token, estimate_peak, fit_advice, pick_chunk_size
+from .engine.memory import activation_bytes_per_token, estimate_peak, fit_advice, fit_keep_tokens, pick_chunk_size
 from .model import CausalLMAdapter, stage_layer_counts, stage_state_dict, trim_to_stage
 from .model.build import build_model
 from .model.offload import check_host_memory, host_bytes_needed
@@ -181,6 +181,8 @@ class Trainer:
             self._load_checkpoint()
         if self.cfg.rollout.chunk_size == 0 and not self.planned_spans:
             self._pick_chunk_size()
+        if self.device.type == "cuda":
+            self._fit_kept_outputs()
         r = self.data_report
         ro, tr = self.cfg.rollout, self.cfg.trainer
         log.info("model: %s, %.2fM parameters, %s on %s; rollout: %s, chunk_size %d, K/V offload %s%s; "
@@ -220,31 +222,66 @@ class Trainer:
         if capacity is None:
             capacity = torch.cuda.get_device_properties(self.device).total_memory
         longest = self.longest_doc
+        # kept outputs are counted only when their amount is fixed; otherwise they get what the chunk leaves
         chunk = pick_chunk_size(CausalLMAdapter(self.engine.module), longest, capacity, offload=ro.offload,
-                                keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile,
-                                activation_per_token=self._activation_per_token, keep_tokens=ro.keep_attention_tokens)
-        if self.world > 1:
-            picked = torch.tensor([chunk], device=self.device)
-            torch.distributed.all_reduce(picked, op=torch.distributed.ReduceOp.MIN)
-            chunk = int(picked)
+                                keep_attention=ro.keep_attention and ro.keep_attention_tokens > 0,
+                                vocab_tile=ro.vocab_tile, activation_per_token=self._activation_per_token,
+                                keep_tokens=ro.keep_attention_tokens)
+        chunk = self._smallest_over_ranks(chunk)
         self.rollout.chunk_size = chunk
         log.info("rollout.chunk_size=0: chunks of %d tokens, the largest predicted to fit %.1f GiB for the "
                  "longest document (%d tokens)", chunk, capacity / 2 ** 30, longest)
+
+    def _smallest_over_ranks(self, value: int) -> int:
+        """The smallest of every rank's ``value``, so that all stages and replicas size memory alike."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t)
+
+    def _largest_chunk(self) -> int:
+        if not self.planned_spans:
+            return self.rollout.chunk_size
+        return max((e - s for spans in self.planned_spans.values() for s, e in spans), default=self.rollout.chunk_size)
+
+    def _fit_kept_outputs(self, capacity: int | None = None) -> None:
+        """rollout.keep_attention with keep_attention_tokens=0: every chunk's outputs if the longest document is
+        predicted to fit with them, else those of as many last chunks as fit (none: keep_attention is dropped)."""
+        ro = self.cfg.rollout
+        if not ro.keep_attention or ro.keep_attention_tokens:
+            return
+        if capacity is None:
+            capacity = torch.cuda.get_device_properties(self.device).total_memory
+        longest = self.longest_doc
+        keep = self._smallest_over_ranks(fit_keep_tokens(
+            CausalLMAdapter(self.engine.module), longest, self._largest_chunk(), capacity, offload=ro.offload,
+            vocab_tile=ro.vocab_tile, activation_per_token=self._activation_per_token))
+        if keep >= longest:
+            return
+        if keep == 0:
+            self.rollout.keep_attention = False
+            log.warning("rollout.keep_attention: no room for kept attention outputs beside a %d-token document in "
+                        "%.1f GiB (engine/memory.py); running without them", longest, capacity / 2 ** 30)
+            return
+        self.rollout.keep_tokens = keep
+        log.info("rollout.keep_attention: outputs kept for the last %d of the longest document's %d tokens, as "
+                 "many as are predicted to fit %.1f GiB (rollout.keep_attention_tokens sets it)", keep, longest,
+                 capacity / 2 ** 30)
 
     def _check_memory(self, capacity: int | None = None) -> None:
         """Predicts the peak GPU memory of the longest document (engine/memory.py) and warns, with what to
         change, if it would not fit: the peak comes at the first backward chunk, after the whole fill pass."""
         ro = self.cfg.rollout
-        chunk = max((e - s for spans in self.planned_spans.values() for s, e in spans),
-                    default=self.rollout.chunk_size) if self.planned_spans else self.rollout.chunk_size
-        est = estimate_peak(CausalLMAdapter(self.engine.module), self.longest_doc, chunk, offload=ro.offload,
-                            keep_attention=ro.keep_attention, vocab_tile=ro.vocab_tile,
-                            activation_per_token=self._activation_per_token, keep_tokens=ro.keep_attention_tokens)
+        keep = self.rollout.keep_attention
+        est = estimate_peak(CausalLMAdapter(self.engine.module), self.longest_doc, self._largest_chunk(),
+                            offload=ro.offload, keep_attention=keep, vocab_tile=ro.vocab_tile,
+                            activation_per_token=self._activation_per_token, keep_tokens=self.rollout.keep_tokens)
         if capacity is None:
             capacity = torch.cuda.get_device_properties(self.device).total_memory
         log.info("GPU memory, predicted peak for the longest document: %s of %.1f GiB", est.describe(),
                  capacity / 2 ** 30)
-        advice = fit_advice(est, capacity, ro.offload, ro.keep_attention)
+        advice = fit_advice(est, capacity, ro.offload, keep)
         if advice:
             log.warning("%s", advice)
 

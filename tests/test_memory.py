@@ -47,6 +47,20 @@ def test_partly_kept_outputs_are_counted_for_the_kept_tokens_only():
     assert longer.state == 1000 * 137_984  # never more than the document
 
 
+def test_kept_tokens_fitted_to_memory_are_whole_chunks_that_fit():
+    from rollout_dist.engine.memory import fit_keep_tokens
+    adapter = _adapter(22, **TINYLLAMA)
+    args = dict(fixed=int(8.2 * GiB), activation_per_token=1_988_272)
+    T, chunk, cap = 1_048_576, 16384, 139 * GiB
+    keep = fit_keep_tokens(adapter, T, chunk, cap, **args)
+    assert keep % chunk == 0 and 0 < keep < T
+    fits = estimate_peak(adapter, T, chunk, keep_attention=True, keep_tokens=keep, **args).total
+    over = estimate_peak(adapter, T, chunk, keep_attention=True, keep_tokens=keep + chunk, **args).total
+    assert fits <= 0.9 * cap < over
+    assert fit_keep_tokens(adapter, 131_072, chunk, cap, **args) == 131_072  # all of a 128K document fit
+    assert fit_keep_tokens(adapter, T, chunk, 80 * GiB, **args) == 0  # an H100: not even the state fits
+
+
 def test_partly_kept_outputs_take_what_the_model_predicts():
     """The outputs the fill pass keeps (before the backward pass consumes them) are the kept tokens' share."""
     from rollout_dist.engine.exact import ExactRollout

@@ -13,7 +13,7 @@ from tests.helpers import grads_of, worst_rel_error
 
 
 def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk=7, texts=None, checkpoint_every=0,
-                 resume=False, offload="none", **trainer_kw):
+                 resume=False, offload="none", keep_attention=False, **trainer_kw):
     data_dir = tmp_path / "docs"
     data_dir.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(texts or ["The first document, somewhat longer than the second one is.",
@@ -23,7 +23,7 @@ def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk
         model=ModelConfig(dtype=dtype, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                           num_kv_heads=2),
         data=DataConfig(path=str(data_dir), shuffle=False),
-        rollout=RolloutConfig(chunk_size=chunk, offload=offload),
+        rollout=RolloutConfig(chunk_size=chunk, offload=offload, keep_attention=keep_attention),
         trainer=TrainerConfig(max_steps=trainer_kw.pop("max_steps", 2), grad_accum=grad_accum,
                               zero_stage=zero_stage, device="cpu",
                               warmup_steps=0, tensorboard=False, **trainer_kw),
@@ -174,6 +174,31 @@ def test_memory_check_warns_with_what_to_change(tmp_path, caplog):
         trainer._check_memory(capacity=1 << 16)
     warning = ours("WARNING")
     assert warning and "rollout.offload=kv" in warning[-1] and "rollout.chunk_size" not in warning[-1]
+
+
+def test_kept_outputs_are_sized_to_memory(tmp_path, caplog):
+    """keep_attention with keep_attention_tokens=0: all of them when they fit, the last whole chunks' when only
+    some do (the run then trains with them), none (and a warning) when there is no room."""
+    from rollout_dist.engine.memory import estimate_peak
+    from rollout_dist.model import CausalLMAdapter
+    trainer = make_trainer(tmp_path, chunk=4, keep_attention=True, texts=["x" * 60, "y" * 30])
+    trainer.setup()
+    longest, adapter = trainer.longest_doc, CausalLMAdapter(trainer.engine.module)
+
+    def peak(keep, keep_tokens=0):
+        return estimate_peak(adapter, longest, 4, keep_attention=keep, keep_tokens=keep_tokens,
+                             activation_per_token=trainer._activation_per_token).total
+    trainer._fit_kept_outputs(capacity=1 << 40)
+    assert trainer.rollout.keep_attention and trainer.rollout.keep_tokens == 0
+    half = int((peak(False) + peak(True)) / 2 / 0.9)  # room for about half of the document's kept outputs
+    trainer._fit_kept_outputs(capacity=half)
+    keep = trainer.rollout.keep_tokens
+    assert 0 < keep < longest and keep % 4 == 0, keep
+    assert peak(True, keep) <= 0.9 * half < peak(True, keep + 4)
+    trainer.fit()
+    with caplog.at_level("WARNING", logger="rollout_dist"):
+        trainer._fit_kept_outputs(capacity=1 << 10)
+    assert not trainer.rollout.keep_attention and "no room for kept attention outputs" in caplog.text
 
 
 def test_chunk_size_zero_is_picked_from_memory(tmp_path):

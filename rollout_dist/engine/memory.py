@@ -164,3 +164,18 @@ def pick_chunk_size(adapter: CausalLMAdapter, tokens: int, capacity: int, *, off
         if est.total <= headroom * capacity:
             return min(chunk, tokens)
     return min(CHUNK_CANDIDATES[-1], tokens)
+
+
+def fit_keep_tokens(adapter: CausalLMAdapter, tokens: int, chunk: int, capacity: int, *, offload: str = "none",
+                    vocab_tile: int = 0, fixed: int | None = None, activation_per_token: int | None = None,
+                    headroom: float = 0.9) -> int:
+    """How many of a ``tokens``-token document's last tokens ``keep_attention`` can keep outputs for within
+    ``headroom`` of ``capacity`` bytes beside everything else: ``tokens`` if all of them, else whole chunks'
+    worth (the chunks with the longest prefixes gain most), 0 if none."""
+    base = estimate_peak(adapter, tokens, chunk, offload=offload, vocab_tile=vocab_tile, fixed=fixed,
+                         activation_per_token=activation_per_token)
+    room = headroom * capacity - base.total
+    if room <= 0:
+        return 0
+    fits = int(room // kept_bytes_per_token(adapter))
+    return tokens if fits >= tokens else fits // chunk * chunk
