@@ -79,7 +79,8 @@ def run_length(tokens: int, overrides: list[str], steps: int, probe_chunks: int,
     rec = {"T": tokens, "model": cfg.model.name, "chunk": trainer.rollout.chunk_size, "offload": cfg.rollout.offload,
            "vocab_tile": cfg.rollout.vocab_tile, "zero_stage": cfg.trainer.zero_stage,
            "offload_optimizer": cfg.trainer.offload_optimizer, "attention": cfg.rollout.attention,
-           "keep_attention": cfg.rollout.keep_attention, "overrides": overrides,
+           "keep_attention": trainer.rollout.keep_attention, "keep_tokens": trainer.rollout.keep_tokens,
+           "overrides": overrides,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
     n_params = sum(p.numel() for p in trainer.model.parameters())
     mc = trainer.model.config
