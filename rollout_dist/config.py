@@ -137,8 +137,8 @@ class RolloutConfig:
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"rollout.attention={self.attention!r} is not one of {ATTENTION_KERNELS}")
         if not isinstance(self.keep_attention_tokens, int) or self.keep_attention_tokens < 0:
-            raise ConfigError(f"rollout.keep_attention_tokens={self.keep_attention_tokens!r} must be 0 (every chunk) "
-                              "or a positive number of tokens at the end of each document")
+            raise ConfigError(f"rollout.keep_attention_tokens={self.keep_attention_tokens!r} must be 0 (every chunk, "
+                              "or as many as fit) or a positive number of tokens at the end of each document")
         if not isinstance(self.vocab_tile, int) or self.vocab_tile < 0:
             raise ConfigError(f"rollout.vocab_tile={self.vocab_tile!r} must be 0 (off) or a positive number of rows")
         if self.offload not in OFFLOAD_MODES:
