@@ -171,8 +171,7 @@ class ExactRollout:
 
         state = adapter.new_state(batch, length, offload=self.offload)
         state.verify_recompute = self.verify_recompute
-        state.keep_attention = self.keep_attention
-        state.keep_from = max(0, length - self.keep_tokens) if self.keep_tokens else 0
+        state.keep_outputs(self.keep_attention, self.keep_tokens, length)
         try:
             loss_sum = self._rollout(adapter, state, input_ids, targets, spans, chunk_args, normalizer, backward,
                                      progress or (lambda *_: None))

@@ -85,6 +85,12 @@ class KVState:
         return kept + sum(t.numel() * t.element_size()
                           for t in (*self.keys, *self.values, *self.dkeys, *self.dvalues))
 
+    def keep_outputs(self, keep: bool, last_tokens: int, length: int) -> None:
+        """``keep_attention`` for the chunks starting within the last ``last_tokens`` of the document's ``length``
+        tokens (0: every chunk)."""
+        self.keep_attention = keep
+        self.keep_from = max(0, length - last_tokens) if last_tokens else 0
+
     def keeps_attention(self) -> bool:
         """Whether the current chunk keeps (fill) or finds (recompute) its attention outputs."""
         return self.keep_attention and self.start >= self.keep_from

@@ -52,8 +52,7 @@ class PipelineRollout:
         batch, length = input_ids.shape
         spans = self.spans(length) if spans is None else check_spans(spans, length)
         state = adapter.new_state(batch, length)
-        state.keep_attention = self.keep_attention
-        state.keep_from = max(0, length - self.keep_tokens) if self.keep_tokens else 0
+        state.keep_outputs(self.keep_attention, self.keep_tokens, length)
         p2p = P2P()
 
         def hidden_shape(s, e):
