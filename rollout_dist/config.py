@@ -171,6 +171,12 @@ class TrainerConfig:
     """ZeRO-Offload: ``cpu`` keeps the fp32 master weights, gradients and Adam moments in pinned host memory and
     runs the Adam step there (DeepSpeed's CPU Adam on GPU runs); the GPU keeps the bf16 weights only. Needs
     trainer.zero_stage 1 or 2."""
+    optimizer_dtype: str = "fp32"
+    """The optimizer's copy of the model: ``fp32`` master weights, gradients and Adam moments (16 bytes per
+    parameter with ZeRO-Offload), or ``bf16`` for all three (8 bytes; DeepSpeed's bf16_master_weights_and_grads
+    and bf16_optimizer_states). bf16 halves the host memory ZeRO-Offload needs (an 8B model fits a 128 GiB host)
+    but an update smaller than a weight's bf16 resolution (1/256 of it) is lost, and chunk gradients add up in
+    bf16. Needs a bf16 model and trainer.zero_stage 1 or 2."""
     device: str = "auto"
     """auto (CUDA when available), cuda or cpu."""
     log_every: int = 1
@@ -184,6 +190,11 @@ class TrainerConfig:
             raise ConfigError(f"trainer.zero_stage={self.zero_stage}: chunked rollout supports ZeRO 0, 1 or 2")
         if self.offload_optimizer not in ("none", "cpu"):
             raise ConfigError(f"trainer.offload_optimizer={self.offload_optimizer!r}: choose none or cpu")
+        if self.optimizer_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"trainer.optimizer_dtype={self.optimizer_dtype!r}: choose fp32 or bf16")
+        if self.optimizer_dtype == "bf16" and self.zero_stage == 0:
+            raise ConfigError("trainer.optimizer_dtype=bf16 needs trainer.zero_stage=1 or 2 (DeepSpeed keeps bf16 "
+                              "master weights only in ZeRO's partitioned optimizer)")
         if self.offload_optimizer != "none" and self.zero_stage == 0:
             raise ConfigError("trainer.offload_optimizer=cpu needs trainer.zero_stage=1 or 2 (DeepSpeed offloads "
                               "the optimizer states that ZeRO partitions)")

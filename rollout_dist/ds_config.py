@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 # warm-up starts at this fraction of trainer.lr (DeepSpeed's schedulers start at their minimum on step 0)
 _WARMUP_START = 0.1
@@ -29,6 +29,10 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
         scheduler = {"type": "WarmupLR", "params": {
             "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": start * t.lr,
             "warmup_max_lr": t.lr}}
+    low_precision = t.optimizer_dtype == "bf16"
+    if low_precision and dtype != torch.bfloat16:
+        raise ConfigError(f"trainer.optimizer_dtype=bf16 needs a bf16 model; model.dtype gives {dtype} here: set "
+                          "model.dtype=bfloat16 or trainer.optimizer_dtype=fp32")
     zero = {"stage": t.zero_stage}
     if t.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": t.offload_optimizer, "pin_memory": device.type == "cuda"}
@@ -41,7 +45,8 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-            "torch_adam": device.type != "cuda"}},
+            # on CPU runs torch's AdamW, except where DeepSpeed needs its CPU Adam (bf16 moments on the host)
+            "torch_adam": device.type != "cuda" and not (low_precision and t.offload_optimizer != "none")}},
         "scheduler": scheduler,
         "steps_per_print": 1 << 30,
         "tensorboard": {"enabled": t.tensorboard, "output_path": str(run_dir / "tensorboard"),
@@ -49,7 +54,10 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
     }
     if dtype == torch.bfloat16:
         ds["bf16"] = {"enabled": True}
-        if t.zero_stage >= 1:
+        if low_precision:
+            # master weights, gradients (also their sum over chunks) and Adam moments in bf16
+            ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+        elif t.zero_stage >= 1:
             # fp32 master weights, and chunk gradients add up in fp32 rather than bf16 (DeepSpeed offers
             # this mix with ZeRO >= 1 only; stage 0 keeps bf16 gradients, as HF does)
             ds["data_types"] = {"grad_accum_dtype": "fp32"}

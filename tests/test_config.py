@@ -50,6 +50,8 @@ def test_model_shapes_match_their_names():
     ("trainer.offload_optimizer=nvme", "trainer.offload_optimizer"),
     ("trainer.offload_optimizer=cpu", "trainer.offload_optimizer"),  # with zero_stage 0
     ("rollout.offload=disk", "rollout.offload"),
+    ("trainer.optimizer_dtype=fp16", "trainer.optimizer_dtype"),
+    ("trainer.optimizer_dtype=bf16", "trainer.optimizer_dtype"),  # with zero_stage 0
     ("rollout.keep_attention_tokens=-4096", "rollout.keep_attention_tokens"),
     ("trainer.grad_accum=0", "trainer.grad_accum"),
     ("trainer.schedule=step", "trainer.schedule"),

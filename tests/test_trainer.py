@@ -91,7 +91,7 @@ def test_fit_steps_and_updates_weights_and_saves_hf_model(tmp_path):
     assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "train.log").is_file()
 
 
-@pytest.mark.parametrize("stage,offload", [(1, "none"), (2, "none"), (2, "cpu")])
+@pytest.mark.parametrize("stage,offload", [(1, "none"), (1, "cpu"), (2, "none"), (2, "cpu")])
 def test_zero_stages_give_the_same_update_as_stage_0(tmp_path, stage, offload):
     """ZeRO 1/2, and ZeRO-Offload of the optimizer (fp32 master and Adam state on the host), change nothing."""
     results = {}
@@ -102,6 +102,36 @@ def test_zero_stages_give_the_same_update_as_stage_0(tmp_path, stage, offload):
         results[st] = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
     worst = max(((results[stage][n] - p).norm() / p.norm()).item() for n, p in results[0].items())
     assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("optimizer_dtype", ["fp32", "bf16"])
+def test_offloaded_optimizer_step_of_a_bf16_model(tmp_path, optimizer_dtype):
+    """ZeRO-Offload of a bf16 model, fp32 or bf16 (trainer.optimizer_dtype) master weights, gradients and Adam
+    moments on the host: one step moves each weight by AdamW's first update, -lr·g/(|g| + eps), of the window's
+    full-sequence gradient g (HF, float32).  eps is the median |g|, so the update is neither sign(g) nor 0 and
+    its error follows the gradient's; lr is large enough that bf16 weights resolve it."""
+    trainer = make_trainer(tmp_path, dtype="bfloat16", zero_stage=1, offload_optimizer="cpu",
+                           optimizer_dtype=optimizer_dtype, max_steps=1, lr=0.5, grad_clip=0.0)
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    _, grads = hf_window_grads(copy.deepcopy(trainer.model).float(), trainer.docs)
+    eps = torch.cat([g.abs().flatten() for g in grads.values()]).median().item()
+    trainer.cfg.trainer.eps = eps
+    trainer.fit()
+    opt = trainer.engine.optimizer
+    master = opt.single_partition_of_fp32_groups[0]
+    want = torch.bfloat16 if optimizer_dtype == "bf16" else torch.float32
+    assert master.device.type == "cpu" and master.dtype == master.grad.dtype == want
+    moments = opt.optimizer.state[master]
+    assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == want
+    moved = {n: p.detach().float() - start[n].float() for n, p in trainer.engine.module.named_parameters()}
+    expected = {n: -0.5 * g / (g.abs() + eps) for n, g in grads.items()}
+    worst, name = worst_rel_error(moved, expected)
+    assert worst <= 0.03, (name, worst)
+
+
+def test_bf16_optimizer_states_need_a_bf16_model(tmp_path):
+    with pytest.raises(ConfigError, match="optimizer_dtype=bf16 needs a bf16 model"):
+        make_trainer(tmp_path, dtype="float32", zero_stage=1, optimizer_dtype="bf16").setup()
 
 
 def test_offloaded_kv_trains_like_device_kv(tmp_path):
