@@ -98,8 +98,9 @@ def hf_step(model, opt, ids, chunk):
 
 
 def parse_variant(variant: str) -> tuple[str, int, dict]:
-    """ATTENTION[+keep|+keepN][+kv|+all][+vtN]:CHUNK -> (label, chunk, chunked_forward_backward options);
-    keepN keeps the attention outputs of the chunks in the last N tokens only."""
+    """ATTENTION[+keep|+keepN][+kv|+all|+kvL|+allL][+vtN]:CHUNK -> (label, chunk, chunked_forward_backward
+    options); keepN keeps the attention outputs of the chunks in the last N tokens only; kvL/allL offload the
+    first L layers' state only."""
     spec, chunk = variant.split(":")
     attention, *flags = spec.split("+")
     opts = {"attention": attention}
@@ -110,10 +111,13 @@ def parse_variant(variant: str) -> tuple[str, int, dict]:
             opts.update(keep_attention=True, keep_tokens=int(flag[4:]))
         elif flag in ("kv", "all"):
             opts["offload"] = flag
+        elif flag.rstrip("0123456789") in ("kv", "all") and flag[-1].isdigit():
+            mode = flag.rstrip("0123456789")
+            opts.update(offload=mode, offload_layers=int(flag[len(mode):]))
         elif flag.startswith("vt") and flag[2:].isdigit():
             opts["vocab_tile"] = int(flag[2:])
         else:
-            raise SystemExit(f"variant {variant!r}: unknown flag {flag!r} (keep, keepN, kv, all, vtN)")
+            raise SystemExit(f"variant {variant!r}: unknown flag {flag!r} (keep, keepN, kv, all, kvL, allL, vtN)")
     return f"rollout_dist[{spec}]", int(chunk), opts
 
 
@@ -140,7 +144,7 @@ def predicted_gib(model, T, chunk, opts) -> float:
         p.numel() * p.element_size() for p in model.parameters() if p.grad is None)  # gradients come back
     est = estimate_peak(adapter, T, chunk, fixed=fixed, offload=opts.get("offload", "none"),
                         keep_attention=opts.get("keep_attention", False), vocab_tile=opts.get("vocab_tile", 0),
-                        keep_tokens=opts.get("keep_tokens", 0),
+                        keep_tokens=opts.get("keep_tokens", 0), offload_layers=opts.get("offload_layers", 0),
                         activation_per_token=_ACTIVATION_PER_TOKEN[id(model)])
     return round(est.total / 2 ** 30, 2)
 
@@ -270,7 +274,7 @@ def main():
     for r in RECORDS:
         if r.get("system") == "rollout_dist_probe":
             opts = "+".join(f"{k}={v}" for k, v in r.items()
-                            if k in ("attention", "offload", "vocab_tile", "keep_tokens"))
+                            if k in ("attention", "offload", "vocab_tile", "keep_tokens", "offload_layers"))
             print(f"probe {opts:<30} {r['chunk']:<6} {r['T']:<9} {'fits' if r.get('fits') else 'OOM':<9} "
                   f"{'':<6} {'':<6} {r.get('peak_mem_gib', '-'):<9} backward chunk s {r.get('backward_chunk_s')}")
 

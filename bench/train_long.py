@@ -78,7 +78,8 @@ def run_length(tokens: int, overrides: list[str], steps: int, probe_chunks: int,
     cfg = trainer.cfg
     rec = {"T": tokens, "model": cfg.model.name, "chunk": trainer.rollout.chunk_size, "offload": cfg.rollout.offload,
            "vocab_tile": cfg.rollout.vocab_tile, "zero_stage": cfg.trainer.zero_stage,
-           "offload_optimizer": cfg.trainer.offload_optimizer, "attention": cfg.rollout.attention,
+           "offload_layers": cfg.rollout.offload_layers, "offload_optimizer": cfg.trainer.offload_optimizer,
+           "optimizer_dtype": cfg.trainer.optimizer_dtype, "attention": cfg.rollout.attention,
            "keep_attention": trainer.rollout.keep_attention, "keep_tokens": trainer.rollout.keep_tokens,
            "overrides": overrides,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}

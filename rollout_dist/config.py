@@ -126,6 +126,10 @@ class RolloutConfig:
     """Where the carried state lives: none (GPU), kv (K/V in pinned host memory, staged into the GPU a layer at
     a time on a side stream; dK/dV stay on the GPU) or all (K/V and dK/dV on the host). GPU memory then no longer
     grows with the document for what is offloaded; host memory does (docs/performance.md)."""
+    offload_layers: int = 0
+    """With offload kv or all: offload the state of only the first N decoder layers; the later layers' stays on
+    the GPU. Moves one layer's state (4 x kv_heads x head_dim bytes per token, K/V and dK/dV) at a time between
+    host and GPU memory, for machines where neither holds all of it. 0: every layer."""
     vocab_tile: int = 0
     """Compute the LM head and loss in tiles of this many vocabulary rows, so a chunk's (tokens x vocab) logits
     never exist whole (e.g. 16384 for 128K-token vocabularies and long chunks). 0: the plain head."""
@@ -143,6 +147,12 @@ class RolloutConfig:
             raise ConfigError(f"rollout.vocab_tile={self.vocab_tile!r} must be 0 (off) or a positive number of rows")
         if self.offload not in OFFLOAD_MODES:
             raise ConfigError(f"rollout.offload={self.offload!r} is not one of {OFFLOAD_MODES}")
+        if not isinstance(self.offload_layers, int) or self.offload_layers < 0:
+            raise ConfigError(f"rollout.offload_layers={self.offload_layers!r} must be 0 (every layer) or a positive "
+                              "number of layers")
+        if self.offload_layers and self.offload == "none":
+            raise ConfigError(f"rollout.offload_layers={self.offload_layers} has nothing to offload with "
+                              "rollout.offload=none: set rollout.offload=kv (or all), or drop offload_layers")
         if self.mode != "exact":
             raise ConfigError(f"rollout.mode={self.mode!r} is not available yet; use rollout.mode=exact")
 

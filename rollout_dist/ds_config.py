@@ -57,8 +57,10 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
         if low_precision:
             # master weights, gradients (also their sum over chunks) and Adam moments in bf16
             ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
-        elif t.zero_stage >= 1:
-            # fp32 master weights, and chunk gradients add up in fp32 rather than bf16 (DeepSpeed offers
-            # this mix with ZeRO >= 1 only; stage 0 keeps bf16 gradients, as HF does)
+        elif t.zero_stage >= 2:
+            # chunk gradients add up in fp32 rather than bf16.  Not with ZeRO-1: DeepSpeed 0.19's ZeRO-1 with an
+            # fp32 accumulator got the gradient of a step with several backward calls (one per chunk) wrong, its
+            # norm 4.8x the true one (tests/test_trainer.py checks each stage against full-sequence HF); ZeRO-1
+            # adds them in bf16 in the gradients of the weights, as ZeRO-0 and HF do
             ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds

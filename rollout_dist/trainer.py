@@ -100,24 +100,45 @@ class Trainer:
             progress=os.environ.get("RANK", "0") == "0")
         self.rollout = ExactRollout(cfg.rollout.chunk_size or CPU_AUTO_CHUNK, attention=cfg.rollout.attention,
                                     keep_attention=cfg.rollout.keep_attention, offload=cfg.rollout.offload,
-                                    vocab_tile=cfg.rollout.vocab_tile, keep_tokens=cfg.rollout.keep_attention_tokens)
+                                    vocab_tile=cfg.rollout.vocab_tile, keep_tokens=cfg.rollout.keep_attention_tokens,
+                                    offload_layers=cfg.rollout.offload_layers)
         self.planned_spans = (load_planned_spans(cfg.data.chunk_index, self.docs, self.tokenizer)
                               if cfg.data.chunk_index else None)
-        if cfg.rollout.offload != "none" and self.docs:
-            longest = self.longest_doc
-            ad = CausalLMAdapter(self.model)
-            need = host_bytes_needed(cfg.rollout.offload, ad.num_layers, longest, ad.kv_heads, ad.head_dim, ad.dtype)
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every process of this node offloads its own
-            try:
-                check_host_memory(need * local, f"rollout.offload={cfg.rollout.offload} for the "
-                                  f"longest document ({longest} tokens)" + (f", {local} processes on this node"
-                                                                            if local > 1 else ""))
-            except MemoryError as err:
-                raise ConfigError(str(err)) from None
+        self._check_host_memory()
         self.engine = None
         self.step = 0
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def _check_host_memory(self) -> None:
+        """Refuses up front, with the figures, a run whose offloaded K/V (longest document) and ZeRO-Offload
+        optimizer (16 bytes per parameter in fp32, 8 in bf16, split over the data-parallel ranks) would not fit
+        the host memory available now: otherwise the kernel kills the job mid-step, after the fill pass."""
+        cfg = self.cfg
+        parts = []
+        if cfg.rollout.offload != "none" and self.docs:
+            ad = CausalLMAdapter(self.model)
+            layers = min(cfg.rollout.offload_layers or ad.num_layers, ad.num_layers)
+            need = host_bytes_needed(cfg.rollout.offload, layers, self.longest_doc, ad.kv_heads, ad.head_dim,
+                                     ad.dtype)
+            parts.append((need, f"rollout.offload={cfg.rollout.offload} of {layers} layers for the longest "
+                                f"document ({self.longest_doc} tokens)"))
+        if cfg.trainer.offload_optimizer == "cpu":
+            per_param = 8 if cfg.trainer.optimizer_dtype == "bf16" else 16
+            n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            par = cfg.parallel
+            dp = par.dp or max(1, int(os.environ.get("WORLD_SIZE", "1")) // par.pp)  # ZeRO splits it over dp
+            parts.append((n * per_param // dp, f"trainer.offload_optimizer=cpu ({per_param} bytes per parameter, "
+                                               f"{cfg.trainer.optimizer_dtype})"))
+        if not parts:
+            return
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every process of this node offloads its own
+        what = " + ".join(f"{w} {b / 2**30:.1f} GiB" for b, w in parts)
+        try:
+            check_host_memory(sum(b for b, _ in parts) * local,
+                              what + (f", {local} processes on this node" if local > 1 else ""))
+        except MemoryError as err:
+            raise ConfigError(str(err)) from None
+
     @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
@@ -169,8 +190,8 @@ class Trainer:
                                        world=self.layout.dp, shuffle=self.cfg.data.shuffle)
         ds_config = deepspeed_config(self.cfg, self.model.dtype, self.run_dir, self.device)
         if self.model.dtype == torch.bfloat16 and self.cfg.trainer.zero_stage == 0:
-            log.warning("bf16 with trainer.zero_stage=0: DeepSpeed keeps bf16 weights and adds the gradients of "
-                        "all chunks in bf16; trainer.zero_stage=1 keeps fp32 master weights and gradients")
+            log.warning("bf16 with trainer.zero_stage=0: DeepSpeed adds the gradients of all chunks in bf16; "
+                        "trainer.zero_stage=2 adds them in fp32")
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
                                                     config=ds_config, mpu=self.layout if par.pp > 1 else None)
         # DeepSpeed's schedulers start at iteration -1, i.e. lr 0, so the first step would not learn; place them
@@ -226,11 +247,22 @@ class Trainer:
         chunk = pick_chunk_size(CausalLMAdapter(self.engine.module), longest, capacity, offload=ro.offload,
                                 keep_attention=ro.keep_attention and ro.keep_attention_tokens > 0,
                                 vocab_tile=ro.vocab_tile, activation_per_token=self._activation_per_token,
-                                keep_tokens=ro.keep_attention_tokens)
+                                keep_tokens=ro.keep_attention_tokens, offload_layers=ro.offload_layers,
+                                fixed=self._fixed_bytes())
         chunk = self._smallest_over_ranks(chunk)
         self.rollout.chunk_size = chunk
         log.info("rollout.chunk_size=0: chunks of %d tokens, the largest predicted to fit %.1f GiB for the "
                  "longest document (%d tokens)", chunk, capacity / 2 ** 30, longest)
+
+    def _fixed_bytes(self) -> int:
+        """Device bytes that do not grow with the document: what is allocated now, plus the gradients the first
+        backward creates (ZeRO 0 and 1 keep every parameter's in the model dtype; ZeRO 2 partitions them into
+        buffers that exist already)."""
+        now = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        if self.cfg.trainer.zero_stage >= 2:
+            return now
+        return now + sum(p.numel() * p.element_size() for p in self.engine.module.parameters()
+                         if p.requires_grad and p.grad is None)
 
     def _smallest_over_ranks(self, value: int) -> int:
         """The smallest of every rank's ``value``, so that all stages and replicas size memory alike."""
@@ -256,7 +288,8 @@ class Trainer:
         longest = self.longest_doc
         keep = self._smallest_over_ranks(fit_keep_tokens(
             CausalLMAdapter(self.engine.module), longest, self._largest_chunk(), capacity, offload=ro.offload,
-            vocab_tile=ro.vocab_tile, activation_per_token=self._activation_per_token))
+            vocab_tile=ro.vocab_tile, activation_per_token=self._activation_per_token,
+            offload_layers=ro.offload_layers, fixed=self._fixed_bytes()))
         if keep >= longest:
             return
         if keep == 0:
@@ -276,12 +309,13 @@ class Trainer:
         keep = self.rollout.keep_attention
         est = estimate_peak(CausalLMAdapter(self.engine.module), self.longest_doc, self._largest_chunk(),
                             offload=ro.offload, keep_attention=keep, vocab_tile=ro.vocab_tile,
-                            activation_per_token=self._activation_per_token, keep_tokens=self.rollout.keep_tokens)
+                            activation_per_token=self._activation_per_token, keep_tokens=self.rollout.keep_tokens,
+                            offload_layers=ro.offload_layers, fixed=self._fixed_bytes())
         if capacity is None:
             capacity = torch.cuda.get_device_properties(self.device).total_memory
         log.info("GPU memory, predicted peak for the longest document: %s of %.1f GiB", est.describe(),
                  capacity / 2 ** 30)
-        advice = fit_advice(est, capacity, ro.offload, keep)
+        advice = fit_advice(est, capacity, ro.offload, keep, ro.offload_layers)
         if advice:
             log.warning("%s", advice)
 

@@ -50,6 +50,8 @@ def test_model_shapes_match_their_names():
     ("trainer.offload_optimizer=nvme", "trainer.offload_optimizer"),
     ("trainer.offload_optimizer=cpu", "trainer.offload_optimizer"),  # with zero_stage 0
     ("rollout.offload=disk", "rollout.offload"),
+    ("rollout.offload_layers=-2", "rollout.offload_layers"),
+    ("rollout.offload_layers=20", "rollout.offload_layers"),  # with offload none
     ("trainer.optimizer_dtype=fp16", "trainer.optimizer_dtype"),
     ("trainer.optimizer_dtype=bf16", "trainer.optimizer_dtype"),  # with zero_stage 0
     ("rollout.keep_attention_tokens=-4096", "rollout.keep_attention_tokens"),

@@ -25,14 +25,17 @@ def test_state_bytes_per_token_match_the_measured_slopes_for_tinyllama():
     assert state_bytes_per_token(adapter, keep_attention=True) == 137_984
     assert state_bytes_per_token(adapter, "kv") == 24_576
     assert state_bytes_per_token(adapter, "all") == 4_096
+    # 20 of 22 layers offloaded: 2 layers' K/V (1,024 B each) stay, with all their dK/dV too
+    assert state_bytes_per_token(adapter, "kv", offload_layers=20) == 24_576 + 2 * 1_024
+    assert state_bytes_per_token(adapter, "all", offload_layers=20) == 4_096 + 4 * 1_024
 
 
-@pytest.mark.parametrize("offload", ["none", "kv", "all"])
-def test_state_bytes_per_token_equal_what_the_state_allocates(offload):
+@pytest.mark.parametrize("offload,layers", [("none", 0), ("kv", 0), ("all", 0), ("kv", 2), ("all", 1)])
+def test_state_bytes_per_token_equal_what_the_state_allocates(offload, layers):
     adapter = CausalLMAdapter(tiny_model("llama", num_hidden_layers=3))
-    state = adapter.new_state(1, 40, offload=offload)
+    state = adapter.new_state(1, 40, offload=offload, offload_layers=layers)
     state.allocate_grads()
-    assert state.nbytes == 40 * state_bytes_per_token(adapter, offload)
+    assert state.nbytes == 40 * state_bytes_per_token(adapter, offload, offload_layers=layers)
 
 
 def test_partly_kept_outputs_are_counted_for_the_kept_tokens_only():

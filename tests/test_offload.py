@@ -24,9 +24,10 @@ def _packed_counter(monkeypatch):
 
 # 4 layers with 2 slots: every layer's slot is reused by another layer within each chunk, so staging order bugs
 # (a stale or evicted layer) change the gradients
-@pytest.mark.parametrize("mode", ["kv", "all"])
+# layers=1 and 3: the first layers go through the ring, the later ones keep their state on the device
+@pytest.mark.parametrize("mode,layers", [("kv", 0), ("all", 0), ("kv", 3), ("all", 1)])
 @pytest.mark.parametrize("attention,keep", [("math", False), ("math", True), ("sdpa", False)])
-def test_float64_offloaded_state_matches_full_sequence(mode, attention, keep, monkeypatch):
+def test_float64_offloaded_state_matches_full_sequence(mode, layers, attention, keep, monkeypatch):
     model = tiny_model("llama", num_hidden_layers=4)
     ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(21))
     labels = ids.clone()
@@ -35,12 +36,13 @@ def test_float64_offloaded_state_matches_full_sequence(mode, attention, keep, mo
     packed = _packed_counter(monkeypatch)
     for chunk_size in (1, 4, 7, 23):
         engine = ExactRollout(chunk_size, attention=attention, keep_attention=keep, offload=mode,
-                              verify_recompute=True)
+                              verify_recompute=True, offload_layers=layers)
         result = engine.run(model, ids, labels)
         worst, name = worst_rel_error(grads_of(model), ref)
         assert worst <= F64_GRAD_TOL, (mode, chunk_size, name, worst)
         assert abs(result.loss - ref_loss) <= 1e-12 * ref_loss
         assert max(engine.last_state.recompute_mismatch, default=0.0) == 0.0
+        assert engine.last_state.offloaded == (layers or 4)
         model.zero_grad(set_to_none=True)
     assert all(n > 0 for n in packed), packed  # saved K/V views were swapped for tokens on every run
 
@@ -79,6 +81,13 @@ def test_device_state_does_not_grow_with_the_document():
     assert device.nbytes == 4 * 6 * per_layer  # K, V, dK, dV of 6 layers
     assert kv.nbytes == 2 * 2 * per_layer + 2 * 6 * per_layer and kv.host_bytes == 2 * 6 * per_layer
     assert full.nbytes == 4 * 2 * per_layer and full.host_bytes == 4 * 6 * per_layer
+    # the first 4 of 6 layers offloaded: the other 2 keep K/V (and with all, dK/dV) on the device
+    kv4 = adapter.new_state(2, 64, offload="kv", offload_layers=4)
+    full4 = adapter.new_state(2, 64, offload="all", offload_layers=4)
+    for state in (kv4, full4):
+        state.allocate_grads()
+    assert kv4.nbytes == kv.nbytes + 2 * 2 * per_layer and kv4.host_bytes == 2 * 4 * per_layer
+    assert full4.nbytes == full.nbytes + 4 * 2 * per_layer and full4.host_bytes == 4 * 4 * per_layer
 
 
 def test_ring_keeps_the_slot_in_use_and_restages_evicted_layers():
@@ -140,9 +149,9 @@ def test_bad_offload_mode_is_named():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and copy streams need a CUDA GPU")
-@pytest.mark.parametrize("mode", ["kv", "all"])
+@pytest.mark.parametrize("mode,layers", [("kv", 0), ("all", 0), ("kv", 3)])
 @pytest.mark.parametrize("attention", ["cudnn", "flash", "sdpa"])
-def test_gpu_offload_equals_device_state(mode, attention):
+def test_gpu_offload_equals_device_state(mode, layers, attention):
     """On the GPU the copies run on a side stream; a missing wait reads another layer's (or stale) K/V and moves
     the gradients far more than the run-to-run noise of the kernels (FA2's backward accumulates with atomics)."""
     model = tiny_model("llama", dtype=torch.float32, hidden_size=256, intermediate_size=512,
@@ -151,12 +160,13 @@ def test_gpu_offload_equals_device_state(mode, attention):
     ids = torch.randint(0, VOCAB, (1, 4000), generator=torch.Generator().manual_seed(24)).cuda()
     runs = []
     for offload in ("none", "none", mode):
-        result = chunked_forward_backward(model, ids, chunk_size=512, attention=attention, offload=offload)
+        result = chunked_forward_backward(model, ids, chunk_size=512, attention=attention, offload=offload,
+                                          offload_layers=layers if offload != "none" else 0)
         runs.append((result, grads_of(model)))
         model.zero_grad(set_to_none=True)
     noise = total_rel_error(runs[1][1], runs[0][1])
     err = total_rel_error(runs[2][1], runs[0][1])
     assert err <= max(3 * noise, 1e-3), (mode, attention, err, noise)
     assert runs[2][0].loss == pytest.approx(runs[0][0].loss, rel=1e-3)
-    device_kv = 5 * 2 * 4000 * 2 * 32 * 2  # K and V of 5 layers, (1, 4000, 2, 32) bf16
+    device_kv = (layers or 5) * 2 * 4000 * 2 * 32 * 2  # K and V of the offloaded layers, (1, 4000, 2, 32) bf16
     assert runs[2][0].state_bytes < runs[0][0].state_bytes - device_kv // 2

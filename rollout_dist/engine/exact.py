@@ -106,21 +106,26 @@ class ExactRollout:
     fill pass's attention outputs so the backward pass skips the attention forward (more memory); with
     ``keep_tokens`` > 0 only for the chunks starting within the last ``keep_tokens`` tokens of the document.
     ``offload`` (none, kv, all) keeps the carried K/V, or K/V and dK/dV, in pinned host memory and stages them
-    into the device layer by layer on a side stream (rollout_dist.model.offload).  ``vocab_tile`` > 0 computes
+    into the device layer by layer on a side stream (rollout_dist.model.offload); ``offload_layers`` > 0 only
+    for the first that many decoder layers, the others' stays on the device.  ``vocab_tile`` > 0 computes
     the LM head and loss in vocabulary tiles (rollout_dist.engine.loss.head_cross_entropy_sum).
     ``verify_recompute`` records, per recomputed chunk and layer, the largest difference between the recomputed
     K/V and those stored by the first forward (they must be bit-identical, dropout included).
     """
 
     def __init__(self, chunk_size: int, verify_recompute: bool = False, attention: str = "auto",
-                 keep_attention: bool = False, offload: str = "none", vocab_tile: int = 0, keep_tokens: int = 0):
+                 keep_attention: bool = False, offload: str = "none", vocab_tile: int = 0, keep_tokens: int = 0,
+                 offload_layers: int = 0):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if attention not in KERNELS:
             raise ValueError(f"attention={attention!r} is not one of {KERNELS}")
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload={offload!r} is not one of {OFFLOAD_MODES}")
+        if not isinstance(offload_layers, int) or offload_layers < 0:
+            raise ValueError(f"offload_layers must be 0 (every layer) or a positive count, got {offload_layers!r}")
         self.attention, self.offload, self.vocab_tile = attention, offload, vocab_tile
+        self.offload_layers = offload_layers
         if not isinstance(keep_tokens, int) or keep_tokens < 0:
             raise ValueError(f"keep_tokens must be 0 (every chunk) or a positive number of tokens, got {keep_tokens!r}")
         self.keep_attention, self.keep_tokens = keep_attention, keep_tokens
@@ -169,7 +174,7 @@ class ExactRollout:
         batch, length = input_ids.shape
         spans = self.spans(length) if spans is None else check_spans(spans, length)
 
-        state = adapter.new_state(batch, length, offload=self.offload)
+        state = adapter.new_state(batch, length, offload=self.offload, offload_layers=self.offload_layers)
         state.verify_recompute = self.verify_recompute
         state.keep_outputs(self.keep_attention, self.keep_tokens, length)
         try:
@@ -209,13 +214,14 @@ def chunked_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, *,
                              labels: torch.Tensor | None = None, loss_normalizer: float | None = None,
                              backward: BackwardFn | None = None, attention: str = "auto",
                              segment_ids: torch.Tensor | None = None, keep_attention: bool = False,
-                             offload: str = "none", vocab_tile: int = 0, keep_tokens: int = 0) -> RolloutResult:
+                             offload: str = "none", vocab_tile: int = 0, keep_tokens: int = 0,
+                             offload_layers: int = 0) -> RolloutResult:
     """Exact chunk-wise forward and backward of ``model`` on ``input_ids`` (B, T); see ``ExactRollout.run``.
 
     Returns ``.loss`` (HF's mean token cross-entropy, labels shifted inside, -100 ignored; ``labels=None`` means
     ``labels=input_ids``) and ``.num_tokens``; every parameter's ``.grad`` accumulates the gradient of that loss.
     """
     rollout = ExactRollout(chunk_size, attention=attention, keep_attention=keep_attention, offload=offload,
-                           vocab_tile=vocab_tile, keep_tokens=keep_tokens)
+                           vocab_tile=vocab_tile, keep_tokens=keep_tokens, offload_layers=offload_layers)
     return rollout.run(model, input_ids, labels, loss_normalizer=loss_normalizer, backward=backward,
                        segment_ids=segment_ids)

@@ -21,13 +21,18 @@ from ..model import CausalLMAdapter
 GiB = 2 ** 30
 
 
-def state_bytes_per_token(adapter: CausalLMAdapter, offload: str = "none", keep_attention: bool = False) -> int:
-    """Device bytes per document token held by the carried state during backward."""
+def state_bytes_per_token(adapter: CausalLMAdapter, offload: str = "none", keep_attention: bool = False,
+                          offload_layers: int = 0) -> int:
+    """Device bytes per document token held by the carried state during backward (with ``offload``, for the
+    first ``offload_layers`` layers only, 0: all)."""
     kv = adapter.kv_bytes_per_token()  # K and V of every layer
     one_layer_kind = kv // (2 * adapter.num_layers)  # K (or V) of one layer: one offload slot per token
+    resident = adapter.num_layers - (min(offload_layers, adapter.num_layers) if offload_layers else adapter.num_layers)
     per_token = {"none": 2 * kv,  # K/V and dK/dV
-                 "kv": kv + 2 * 2 * one_layer_kind,  # dK/dV, and two slots each for K and V
-                 "all": 4 * 2 * one_layer_kind}[offload]  # two slots each for K, V, dK and dV
+                 # dK/dV, two slots each for K and V, the K/V of the layers kept on the device
+                 "kv": kv + 2 * 2 * one_layer_kind + 2 * resident * one_layer_kind,
+                 # two slots each for K, V, dK and dV, and all four of the layers kept on the device
+                 "all": 4 * 2 * one_layer_kind + 4 * resident * one_layer_kind}[offload]
     if keep_attention:
         per_token += kept_bytes_per_token(adapter)
     return per_token
@@ -105,7 +110,8 @@ class MemoryEstimate:
 
 def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload: str = "none",
                   keep_attention: bool = False, vocab_tile: int = 0, fixed: int | None = None,
-                  activation_per_token: int | None = None, keep_tokens: int = 0) -> MemoryEstimate:
+                  activation_per_token: int | None = None, keep_tokens: int = 0,
+                  offload_layers: int = 0) -> MemoryEstimate:
     """Predicted peak device memory of one rollout of a (1, tokens) document with chunks of ``chunk`` tokens.
 
     ``keep_tokens`` > 0 (with ``keep_attention``): outputs kept for at most that many tokens.  ``fixed`` defaults
@@ -120,13 +126,14 @@ def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload:
     one_layer_kv = adapter.kv_bytes_per_token() // adapter.num_layers  # K and V of one layer per token
     return MemoryEstimate(
         tokens=tokens, chunk=chunk, fixed=fixed,
-        state=tokens * state_bytes_per_token(adapter, offload)
+        state=tokens * state_bytes_per_token(adapter, offload, offload_layers=offload_layers)
         + (min(keep_tokens or tokens, tokens) * kept_bytes_per_token(adapter) if keep_attention else 0),
         chunk_activations=chunk * (activation_per_token + logits_bytes_per_token(adapter, vocab_tile)),
         transient=2 * tokens * one_layer_kv)  # one layer's prefix K/V copies and its prefix dK/dV
 
 
-def fit_advice(estimate: MemoryEstimate, capacity: int, offload: str, keep_attention: bool) -> str | None:
+def fit_advice(estimate: MemoryEstimate, capacity: int, offload: str, keep_attention: bool,
+               offload_layers: int = 0) -> str | None:
     """None if ``estimate`` fits ``capacity`` with 5% to spare, else what to change."""
     if estimate.total <= 0.95 * capacity:
         return None
@@ -135,6 +142,8 @@ def fit_advice(estimate: MemoryEstimate, capacity: int, offload: str, keep_atten
         ways.append("rollout.keep_attention=false (or a smaller rollout.keep_attention_tokens)")
     if offload == "none":
         ways.append("rollout.offload=kv")
+    elif offload_layers:
+        ways.append(f"more than rollout.offload_layers={offload_layers} (0: every layer)")
     elif offload == "kv":
         ways.append("rollout.offload=all")
     if estimate.chunk > 1024:
@@ -149,7 +158,8 @@ CHUNK_CANDIDATES = (32768, 16384, 8192, 4096, 2048, 1024, 512, 256, 128)
 
 def pick_chunk_size(adapter: CausalLMAdapter, tokens: int, capacity: int, *, offload: str = "none",
                     keep_attention: bool = False, vocab_tile: int = 0, fixed: int | None = None,
-                    activation_per_token: int | None = None, headroom: float = 0.9, keep_tokens: int = 0) -> int:
+                    activation_per_token: int | None = None, headroom: float = 0.9, keep_tokens: int = 0,
+                    offload_layers: int = 0) -> int:
     """The largest chunk of ``CHUNK_CANDIDATES`` whose predicted peak for a ``tokens``-token document stays
     within ``headroom`` of ``capacity`` bytes (larger chunks run faster: fewer, larger attention and matmul
     problems); the smallest candidate when none fits, and never more than the document."""
@@ -160,7 +170,7 @@ def pick_chunk_size(adapter: CausalLMAdapter, tokens: int, capacity: int, *, off
             continue
         est = estimate_peak(adapter, tokens, chunk, offload=offload, keep_attention=keep_attention,
                             vocab_tile=vocab_tile, fixed=fixed, activation_per_token=activation_per_token,
-                            keep_tokens=keep_tokens)
+                            keep_tokens=keep_tokens, offload_layers=offload_layers)
         if est.total <= headroom * capacity:
             return min(chunk, tokens)
     return min(CHUNK_CANDIDATES[-1], tokens)
@@ -168,12 +178,12 @@ def pick_chunk_size(adapter: CausalLMAdapter, tokens: int, capacity: int, *, off
 
 def fit_keep_tokens(adapter: CausalLMAdapter, tokens: int, chunk: int, capacity: int, *, offload: str = "none",
                     vocab_tile: int = 0, fixed: int | None = None, activation_per_token: int | None = None,
-                    headroom: float = 0.9) -> int:
+                    headroom: float = 0.9, offload_layers: int = 0) -> int:
     """How many of a ``tokens``-token document's last tokens ``keep_attention`` can keep outputs for within
     ``headroom`` of ``capacity`` bytes beside everything else: ``tokens`` if all of them, else whole chunks'
     worth (the chunks with the longest prefixes gain most), 0 if none."""
     base = estimate_peak(adapter, tokens, chunk, offload=offload, vocab_tile=vocab_tile, fixed=fixed,
-                         activation_per_token=activation_per_token)
+                         activation_per_token=activation_per_token, offload_layers=offload_layers)
     room = headroom * capacity - base.total
     if room <= 0:
         return 0

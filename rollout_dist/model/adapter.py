@@ -64,14 +64,14 @@ class CausalLMAdapter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def new_state(self, batch: int, length: int, offload: str = "none") -> KVState:
+    def new_state(self, batch: int, length: int, offload: str = "none", offload_layers: int = 0) -> KVState:
         """Carried K/V for a (batch, length) document: on the device, or (``offload`` kv/all) in host memory
-        staged layer by layer (rollout_dist.model.offload)."""
+        staged layer by layer (rollout_dist.model.offload), for the first ``offload_layers`` layers (0: all)."""
         if offload == "none":
             return KVState.allocate(self.num_layers, batch, self.kv_heads, length, self.head_dim, self.dtype,
                                     self.device, layer_offset=self.layer_offset)
         return OffloadedKVState(self.num_layers, batch, self.kv_heads, length, self.head_dim, self.dtype,
-                                self.device, layer_offset=self.layer_offset, mode=offload)
+                                self.device, layer_offset=self.layer_offset, mode=offload, layers=offload_layers)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V per token (all layers), in the model's dtype; dK/dV double it during backward."""

@@ -83,7 +83,7 @@ class KVState:
     def nbytes(self) -> int:
         kept = sum(t.numel() * t.element_size() for out, lse, _ in self.attention_cache.values() for t in (out, lse))
         return kept + sum(t.numel() * t.element_size()
-                          for t in (*self.keys, *self.values, *self.dkeys, *self.dvalues))
+                          for t in (*self.keys, *self.values, *self.dkeys, *self.dvalues) if t is not None)
 
     def keep_outputs(self, keep: bool, last_tokens: int, length: int) -> None:
         """``keep_attention`` for the chunks starting within the last ``last_tokens`` of the document's ``length``

@@ -12,6 +12,10 @@ backward) are replaced by a small token through ``torch.autograd.graph.saved_ten
 the layer again when it unpacks them.  Nothing else changes: the attention kernels, the HF modules and the
 ``_CarriedKV`` hand-back of dK/dV are those of the in-device state.
 
+Only the first ``layers`` layers may be offloaded (``rollout.offload_layers``); the others keep their state on
+the device as in ``KVState``.  That sizes host and device use in steps of one layer's state, for machines where
+neither alone holds it all (an 8B model's optimizer on the host leaves room there for only part of its K/V).
+
 On CPU (tests) the "host" and the slots are both CPU tensors and copies are synchronous; the staging logic is
 the same.
 """
@@ -246,22 +250,31 @@ class OffloadedKVState(KVState):
     """``KVState`` whose K/V (``mode="kv"``), or K/V and dK/dV (``mode="all"``), live in host memory.
 
     Device memory no longer grows with the document for what is offloaded: it holds ``slots`` layers' worth of
-    buffers per offloaded tensor kind (full document length each), the rest stays as in ``KVState``."""
+    buffers per offloaded tensor kind (full document length each), the rest stays as in ``KVState``.  ``layers``
+    > 0 offloads only the state's first ``layers`` layers; the later ones stay on the device (``keys``/``values``
+    hold None for the offloaded ones)."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, layer_offset: int = 0, mode: str = "kv",
-                 slots: int = 2):
+                 slots: int = 2, layers: int = 0):
         if mode not in ("kv", "all"):
             raise ValueError(f"offload mode {mode!r} is not one of {OFFLOAD_MODES[1:]}")
-        super().__init__(keys=[], values=[], layer_offset=layer_offset)
+        if layers < 0:
+            raise ValueError(f"layers to offload must be >= 0 (0: all), got {layers}")
+        self.offloaded = min(layers, num_layers) if layers else num_layers
+        shape = (batch, length, kv_heads, head_dim)
+        resident = [None] * self.offloaded + [torch.empty(shape, dtype=dtype, device=device)
+                                              for _ in range(num_layers - self.offloaded)]
+        super().__init__(keys=resident, values=[t if t is None else torch.empty_like(t) for t in resident],
+                         layer_offset=layer_offset)
         self.mode, self.num_layers = mode, num_layers
-        self._shape, self._dtype, self._device = (batch, length, kv_heads, head_dim), dtype, device
+        self._shape, self._dtype, self._device = shape, dtype, device
         available = available_host_bytes()
-        check_host_memory(host_bytes_needed(mode, num_layers, batch * length, kv_heads, head_dim, dtype),
-                          f"rollout.offload={mode} for {batch} x {length} tokens and {num_layers} layers",
+        check_host_memory(host_bytes_needed(mode, self.offloaded, batch * length, kv_heads, head_dim, dtype),
+                          f"rollout.offload={mode} for {batch} x {length} tokens and {self.offloaded} layers",
                           None if available is None else available + HOST_POOL.free_bytes)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.rings = {kind: LayerRing(num_layers, self._shape, dtype, device, slots=slots, stream=stream)
+        self.rings = {kind: LayerRing(self.offloaded, self._shape, dtype, device, slots=slots, stream=stream)
                       for kind in ("k", "v")}
         self.grad_rings: dict[str, LayerRing] = {}
         self._grad_slot: dict[tuple[int, str], int] = {}
@@ -283,21 +296,23 @@ class OffloadedKVState(KVState):
         return sum(r.host_bytes for r in self._all_rings)
 
     def allocate_grads(self) -> None:
-        if self.mode == "kv":
-            self.dkeys = [torch.zeros(self._shape, dtype=self._dtype, device=self._device)
-                          for _ in range(self.num_layers)]
-            self.dvalues = [torch.zeros_like(t) for t in self.dkeys]
-            return
-        stream = self.rings["k"].stream
-        self.grad_rings = {kind: LayerRing(self.num_layers, self._shape, self._dtype, self._device,
-                                           slots=len(self.rings[kind].slots), zero=True, stream=stream)
-                           for kind in ("k", "v")}
+        on_host = self.offloaded if self.mode == "all" else 0  # layers whose dK/dV live in host rings
+        self.dkeys = [None] * on_host + [torch.zeros(self._shape, dtype=self._dtype, device=self._device)
+                                         for _ in range(self.num_layers - on_host)]
+        self.dvalues = [t if t is None else torch.zeros_like(t) for t in self.dkeys]
+        if on_host:
+            stream = self.rings["k"].stream
+            self.grad_rings = {kind: LayerRing(on_host, self._shape, self._dtype, self._device,
+                                               slots=len(self.rings[kind].slots), zero=True, stream=stream)
+                               for kind in ("k", "v")}
 
     # forward -----------------------------------------------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = layer_idx - self.layer_offset
+        if layer >= self.offloaded:
+            return super().update(key, value, layer_idx, *args, **kwargs)
         s, e = self.start, self.start + key.shape[2]
-        last = layer == self.num_layers - 1
+        last = layer == self.offloaded - 1  # the last layer of the rings
         out, mismatch = [], []
         for kind, fresh in (("k", key), ("v", value)):
             ring = self.rings[kind]
@@ -330,14 +345,14 @@ class OffloadedKVState(KVState):
 
     # backward ----------------------------------------------------------------------------------------------
     def grad_buffer(self, layer: int, kind: str, end: int) -> torch.Tensor:
-        if not self.grad_rings:
+        if not self.grad_rings or layer >= self.offloaded:
             return super().grad_buffer(layer, kind, end)
         slot, buf = self.grad_rings[kind].acquire(layer, end)
         self._grad_slot[(layer, kind)] = slot
         return buf
 
     def grad_accumulated(self, layer: int, kind: str, start: int, end: int) -> None:
-        if not self.grad_rings:
+        if not self.grad_rings or layer >= self.offloaded:
             return
         ring, slot = self.grad_rings[kind], self._grad_slot.pop((layer, kind))
         ring.write(slot, 0, start)
