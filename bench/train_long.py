@@ -83,6 +83,8 @@ def run_length(tokens: int, overrides: list[str], steps: int, probe_chunks: int,
            "keep_attention": trainer.rollout.keep_attention, "keep_tokens": trainer.rollout.keep_tokens,
            "overrides": overrides,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    if torch.cuda.is_available():
+        rec["predicted_peak_gib"] = round(trainer.predicted_peak().total / 2 ** 30, 2)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     mc = trainer.model.config
     flops = 6 * n_params * tokens + 6 * mc.num_hidden_layers * mc.hidden_size * tokens ** 2

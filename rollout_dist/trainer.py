@@ -210,9 +210,10 @@ class Trainer:
                  "ZeRO stage %d%s", type(self.model).__name__,
                  sum(p.numel() for p in self.model.parameters()) / 1e6,
                  str(self.model.dtype).replace("torch.", ""), self.device, ro.mode, self.rollout.chunk_size,
-                 ro.offload,
+                 ro.offload + (f" (first {ro.offload_layers} layers)" if ro.offload_layers else ""),
                  f", LM head in vocabulary tiles of {ro.vocab_tile}" if ro.vocab_tile else "", tr.zero_stage,
-                 f", optimizer offloaded to {tr.offload_optimizer}" if tr.offload_optimizer != "none" else "")
+                 (f", optimizer ({tr.optimizer_dtype}) offloaded to {tr.offload_optimizer}"
+                  if tr.offload_optimizer != "none" else ""))
         log.info("data: %d documents (%d tokens) from %d file(s); %d skipped as too short; %d extra pieces from "
                  "splitting long documents; %d data-parallel replica(s)%s", r.documents, r.tokens, r.files,
                  len(r.skipped_short), r.pieces_from_splits, self.layout.dp,
@@ -302,15 +303,20 @@ class Trainer:
                  "many as are predicted to fit %.1f GiB (rollout.keep_attention_tokens sets it)", keep, longest,
                  capacity / 2 ** 30)
 
+    def predicted_peak(self):
+        """The memory model's peak GPU memory (engine.memory.MemoryEstimate) of the longest document's step."""
+        ro = self.cfg.rollout
+        return estimate_peak(CausalLMAdapter(self.engine.module), self.longest_doc, self._largest_chunk(),
+                             offload=ro.offload, keep_attention=self.rollout.keep_attention, vocab_tile=ro.vocab_tile,
+                             activation_per_token=self._activation_per_token, keep_tokens=self.rollout.keep_tokens,
+                             offload_layers=ro.offload_layers, fixed=self._fixed_bytes())
+
     def _check_memory(self, capacity: int | None = None) -> None:
         """Predicts the peak GPU memory of the longest document (engine/memory.py) and warns, with what to
         change, if it would not fit: the peak comes at the first backward chunk, after the whole fill pass."""
         ro = self.cfg.rollout
         keep = self.rollout.keep_attention
-        est = estimate_peak(CausalLMAdapter(self.engine.module), self.longest_doc, self._largest_chunk(),
-                            offload=ro.offload, keep_attention=keep, vocab_tile=ro.vocab_tile,
-                            activation_per_token=self._activation_per_token, keep_tokens=self.rollout.keep_tokens,
-                            offload_layers=ro.offload_layers, fixed=self._fixed_bytes())
+        est = self.predicted_peak()
         if capacity is None:
             capacity = torch.cuda.get_device_properties(self.device).total_memory
         log.info("GPU memory, predicted peak for the longest document: %s of %.1f GiB", est.describe(),

@@ -8,7 +8,11 @@
 #   bash bench/device/issue4.sh start1m [VARIANT]  # one H200: GPU exactness tests, then a whole training step at
 #                                         # 1,048,576 tokens (default cudnn+keep327680:16384), detached (~16 min)
 #   bash bench/device/issue4.sh start2m   # one H200: starts the 2M-token offload probe detached (about 20 min)
-#   bash bench/device/issue4.sh start8b   # 2x H200 host (256 GiB RAM, one GPU used): Llama-3-8B, 128K steps + 512K probe
+#   bash bench/device/issue4.sh check8b   # one H200, ~6 min: host memory seen, GPU tests of partial offload, and
+#                                         # Llama-3-8B (+experiment=llama3_8b_500k: ZeRO-Offload in bf16, K/V of 26
+#                                         # layers on the host) one step at 32K through the trainer
+#   bash bench/device/issue4.sh start8b [T] [OVERRIDES...]  # one H200: that recipe, one whole step at T tokens
+#                                         # (default 501760), detached (~15 min)
 #   bash bench/device/issue4.sh poll [S]  # waits up to S seconds (default 0) for the detached run to end, then
 #                                         # copies what it wrote to $OUT (the machine is released 30 s after a
 #                                         # call ends, detached runs with it: keep a poll call in flight)
@@ -54,8 +58,16 @@ case "${1:-quick}" in
   start2m)
     detach python bench/rollout_vs_hf.py --hf --ours --variants cudnn+kv:16384 --probe 2097152 --probe-chunks 2 \
       --budget 3000 ;;
+  check8b)
+    grep -E "MemTotal|MemAvailable" /proc/meminfo; cat /sys/fs/cgroup/memory.max 2>/dev/null; nproc
+    nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
+    python -m pytest -q -m gpu tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests_partial_offload.log" | tail -3
+    python bench/train_long.py --tokens 32768 --steps 1 -- +experiment=llama3_8b_500k 2>&1 \
+      | grep -vE "it/s\]|chunk/s\]|step/s\]" | tail -25
+    grep -E "MemAvailable" /proc/meminfo ;;
   start8b)
-    detach python bench/train_long.py --tokens 131072 524288 --probe-chunks 0 3 --steps 1 -- +experiment=llama3_8b_500k ;;
+    T=${2:-501760}; shift $(( $# > 1 ? 2 : 1 ))
+    detach python bench/train_long.py --tokens "$T" --steps 1 -- +experiment=llama3_8b_500k "$@" ;;
   poll)
     end=$(( $(date +%s) + ${2:-0} ))
     while [ "$(date +%s)" -lt "$end" ] && pgrep -f "bench/(rollout_vs_hf|train_long).py" > /dev/null; do sleep 10; done
