@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -44,6 +45,49 @@ def emit(rec: dict) -> None:
 
 def host_peak_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)  # ru_maxrss is KiB on Linux
+
+
+class HostMemoryPhases:
+    """Largest resident host memory (VmRSS, sampled every 0.2 s) per phase of the run: engine set-up, the
+    rollout (fill and backward), the optimizer step; a peak only tells how much, this tells when."""
+
+    def __init__(self):
+        self.phase, self.peaks, self._stop = "setup", {}, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def take(self) -> None:
+        try:
+            with open("/proc/self/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            return
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), round(kib / 2 ** 20, 2))
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.take()
+            self._stop.wait(0.2)
+
+    def switch(self, phase: str) -> None:
+        self.take()  # the end of the phase before
+        self.phase = phase
+        self.take()
+
+    def wrap(self, fn, phase: str, after: str):
+        def wrapped(*args, **kwargs):
+            self.switch(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.switch(after)
+        return wrapped
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self.take()
+        return {f"host_rss_gib_{k.replace(' ', '_')}": v for k, v in self.peaks.items()}
 
 
 def write_document(directory: Path, tokens: int, seed: int = 0) -> None:
@@ -74,7 +118,10 @@ def trainer_for(tokens: int, overrides: list[str], workdir: Path, steps: int) ->
 
 def run_length(tokens: int, overrides: list[str], steps: int, probe_chunks: int, workdir: Path) -> dict:
     trainer = trainer_for(tokens, overrides, workdir, max(steps, 1))
+    phases = HostMemoryPhases()
     trainer.setup()
+    phases.switch("rollout")
+    trainer.engine.step = phases.wrap(trainer.engine.step, "optimizer step", "rollout")
     cfg = trainer.cfg
     rec = {"T": tokens, "model": cfg.model.name, "chunk": trainer.rollout.chunk_size, "offload": cfg.rollout.offload,
            "vocab_tile": cfg.rollout.vocab_tile, "zero_stage": cfg.trainer.zero_stage,
@@ -100,6 +147,7 @@ def run_length(tokens: int, overrides: list[str], steps: int, probe_chunks: int,
     except torch.OutOfMemoryError as err:
         rec.update(oom=True, error=str(err).splitlines()[0])
     rec["host_peak_rss_gib"] = host_peak_gib()
+    rec.update(phases.stop())
     emit(rec)
     return rec
 

@@ -11,6 +11,7 @@
 #   bash bench/device/issue4.sh check8b   # one H200, ~6 min: host memory seen, GPU tests of partial offload, and
 #                                         # Llama-3-8B (+experiment=llama3_8b_500k: ZeRO-Offload in bf16, K/V of 26
 #                                         # layers on the host) one step at 32K through the trainer
+#   bash bench/device/issue4.sh check8b T [OVERRIDES...]  # then start8b T in the same call (CPU Adam built once)
 #   bash bench/device/issue4.sh start8b [T] [OVERRIDES...]  # one H200: that recipe, one whole step at T tokens
 #                                         # (default 501760), detached (~15 min)
 #   bash bench/device/issue4.sh poll [S]  # waits up to S seconds (default 0) for the detached run to end, then
@@ -64,7 +65,8 @@ case "${1:-quick}" in
     python -m pytest -q -m gpu tests/test_offload.py 2>&1 | tee "$OUT/gpu_tests_partial_offload.log" | tail -3
     python bench/train_long.py --tokens 32768 --steps 1 -- +experiment=llama3_8b_500k 2>&1 \
       | grep -vE "it/s\]|chunk/s\]|step/s\]" | tail -25
-    grep -E "MemAvailable" /proc/meminfo ;;
+    grep -E "MemAvailable" /proc/meminfo
+    if [ -n "${2:-}" ]; then cp "$OUT"/train_long.jsonl "$OUT"/check8b.jsonl; shift; bash "$0" start8b "$@"; fi ;;
   start8b)
     T=${2:-501760}; shift $(( $# > 1 ? 2 : 1 ))
     detach python bench/train_long.py --tokens "$T" --steps 1 -- +experiment=llama3_8b_500k "$@" ;;
