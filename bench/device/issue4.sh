@@ -12,6 +12,7 @@
 #                                         # Llama-3-8B (+experiment=llama3_8b_500k: ZeRO-Offload in bf16, K/V of 26
 #                                         # layers on the host) one step at 32K through the trainer
 #   bash bench/device/issue4.sh check8b T [OVERRIDES...]  # then start8b T in the same call (CPU Adam built once)
+#   bash bench/device/issue4.sh probe8b [T] [OVERRIDES...]  # that recipe's memory probe at T, in the foreground
 #   bash bench/device/issue4.sh start8b [T] [OVERRIDES...]  # one H200: that recipe, one whole step at T tokens
 #                                         # (default 501760), detached (~15 min)
 #   bash bench/device/issue4.sh poll [S]  # waits up to S seconds (default 0) for the detached run to end, then
@@ -67,6 +68,11 @@ case "${1:-quick}" in
       | grep -vE "it/s\]|chunk/s\]|step/s\]" | tail -25
     grep -E "MemAvailable" /proc/meminfo
     if [ -n "${2:-}" ]; then cp "$OUT"/train_long.jsonl "$OUT"/check8b.jsonl; shift; bash "$0" start8b "$@"; fi ;;
+  probe8b)  # foreground: fill + 2 backward chunks of that recipe at T tokens (the memory peak), no optimizer step
+    pkill -f "[p]ython bench/train_long"; find ~/.cache/torch_extensions -name lock -delete 2>/dev/null
+    T=${2:-501760}; shift $(( $# > 1 ? 2 : 1 ))
+    python bench/train_long.py --tokens "$T" --probe-chunks 2 -- +experiment=llama3_8b_500k "$@" 2>&1 \
+      | tr '\r' '\n' | grep -vE "it/s\]|chunk/s\]|step/s\]|^\s*$" | tail -12 ;;
   start8b)
     T=${2:-501760}; shift $(( $# > 1 ? 2 : 1 ))
     detach python bench/train_long.py --tokens "$T" --steps 1 -- +experiment=llama3_8b_500k "$@" ;;
