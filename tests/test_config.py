@@ -87,6 +87,11 @@ def test_offload_with_pipeline_stages_is_refused_with_a_way_out():
 def test_8b_offload_recipe_composes():
     cfg = load("model=llama3_8b", "rollout.offload=kv", "trainer.zero_stage=2", "trainer.offload_optimizer=cpu")
     assert (cfg.rollout.offload, cfg.trainer.offload_optimizer, cfg.trainer.zero_stage) == ("kv", "cpu", 2)
+    recipe = load("+experiment=llama3_8b_500k")  # the settings measured at 500K tokens (docs/performance.md)
+    assert recipe.model.name == "llama3_8b" and recipe.model.num_layers == 32
+    assert (recipe.rollout.offload, recipe.rollout.offload_layers, recipe.rollout.chunk_size) == ("kv", 20, 1024)
+    assert (recipe.trainer.zero_stage, recipe.trainer.offload_optimizer, recipe.trainer.optimizer_dtype) == \
+        (1, "cpu", "bf16")
 
 
 def test_chunk_size_zero_means_picked_from_memory():
