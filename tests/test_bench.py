@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +31,18 @@ def test_train_long_names_a_bad_override(tmp_path):
     proc = subprocess.run(cmd, env=child_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "rollout.offload='disk' is not one of" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_variant_names_parse_into_rollout_options():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from rollout_vs_hf import parse_variant
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert parse_variant("cudnn+keep327680+kv20+vt16384:2048") == (
+        "rollout_dist[cudnn+keep327680+kv20+vt16384]", 2048,
+        {"attention": "cudnn", "keep_attention": True, "keep_tokens": 327680, "offload": "kv", "offload_layers": 20,
+         "vocab_tile": 16384})
+    assert parse_variant("sdpa+all:512")[2] == {"attention": "sdpa", "offload": "all"}
+    with pytest.raises(SystemExit, match="unknown flag 'kvx'"):
+        parse_variant("cudnn+kvx:512")
