@@ -76,6 +76,22 @@ class _ChunkBar:
             self.bar = None
 
 
+def _restart_step_counts(optimizer) -> None:
+    """DeepSpeed's fp16/bf16 wrappers for ZeRO-0 (FP16_Optimizer, FP16_UnfusedOptimizer) create the inner
+    optimizer's states by stepping it once on zero gradients.  Adam's moments stay zero, but its step count starts
+    at 1, so the first real step is bias-corrected as step 2: updates of about 0.7x AdamW's for the first tens of
+    steps.  Set the counts back to 0, as a fresh optimizer has them (a resumed run loads its own afterwards)."""
+    if type(optimizer).__name__ not in ("FP16_Optimizer", "FP16_UnfusedOptimizer"):
+        return
+    inner = optimizer.optimizer
+    for group in inner.param_groups:
+        if "step" in group:
+            group["step"] = 0
+    for state in inner.state.values():
+        if "step" in state:
+            state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+
+
 class Trainer:
     """Owns one training run; ``fit()`` runs it.  Construction checks every input and writes nothing."""
 
@@ -197,6 +213,7 @@ class Trainer:
         # DeepSpeed's schedulers start at iteration -1, i.e. lr 0, so the first step would not learn; place them
         # at iteration 0 (engine.step() advances them after every optimizer step)
         self.engine.lr_scheduler.step(0)
+        _restart_step_counts(self.engine.optimizer)
         self.history: list[StepStats] = []
         if self.cfg.checkpoint.resume:
             self._load_checkpoint()
