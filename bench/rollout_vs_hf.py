@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _probe import BackwardStopper, PeakTrace, ProbeDone  # noqa: E402
 
 from rollout_dist import chunked_forward_backward  # noqa: E402
-from rollout_dist.engine.memory import activation_bytes_per_token, estimate_peak  # noqa: E402
+from rollout_dist.engine.memory import activation_bytes_per_token, estimate_peak, pending_gradient_bytes  # noqa: E402
 from rollout_dist.model import CausalLMAdapter  # noqa: E402
 
 SHAPES = {
@@ -140,8 +140,7 @@ def predicted_gib(model, T, chunk, opts) -> float:
     adapter = CausalLMAdapter(model)
     if id(model) not in _ACTIVATION_PER_TOKEN:
         _ACTIVATION_PER_TOKEN[id(model)] = activation_bytes_per_token(adapter)
-    fixed = (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) + sum(
-        p.numel() * p.element_size() for p in model.parameters() if p.grad is None)  # gradients come back
+    fixed = (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) + pending_gradient_bytes(model)
     est = estimate_peak(adapter, T, chunk, fixed=fixed, offload=opts.get("offload", "none"),
                         keep_attention=opts.get("keep_attention", False), vocab_tile=opts.get("vocab_tile", 0),
                         keep_tokens=opts.get("keep_tokens", 0), offload_layers=opts.get("offload_layers", 0),

@@ -24,10 +24,11 @@ from .config import ConfigError, TrainConfig
 from .data import Document, DocumentOrder, load_documents
 from .ds_config import deepspeed_config
 from .engine import ExactRollout
-from .engine.memory import activation_bytes_per_token, estimate_peak, fit_advice, fit_keep_tokens, pick_chunk_size
+from .engine.memory import (activation_bytes_per_token, estimate_peak, fit_advice, fit_keep_tokens,
+                            pending_gradient_bytes, pick_chunk_size)
 from .model import CausalLMAdapter, stage_layer_counts, stage_state_dict, trim_to_stage
 from .model.build import build_model
-from .model.offload import check_host_memory, host_bytes_needed
+from .model.offload import check_host_memory, host_bytes_needed, offloaded_layers
 from .parallel import PipelineRollout, RankLayout
 from .parallel.launch import init_distributed, resolve_device
 from .planning.spans import load_planned_spans
@@ -133,7 +134,7 @@ class Trainer:
         parts = []
         if cfg.rollout.offload != "none" and self.docs:
             ad = CausalLMAdapter(self.model)
-            layers = min(cfg.rollout.offload_layers or ad.num_layers, ad.num_layers)
+            layers = offloaded_layers(ad.num_layers, cfg.rollout.offload_layers)
             need = host_bytes_needed(cfg.rollout.offload, layers, self.longest_doc, ad.kv_heads, ad.head_dim,
                                      ad.dtype)
             parts.append((need, f"rollout.offload={cfg.rollout.offload} of {layers} layers for the longest "
@@ -279,8 +280,7 @@ class Trainer:
         now = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         if self.cfg.trainer.zero_stage >= 2:
             return now
-        return now + sum(p.numel() * p.element_size() for p in self.engine.module.parameters()
-                         if p.requires_grad and p.grad is None)
+        return now + pending_gradient_bytes(self.engine.module)
 
     def _smallest_over_ranks(self, value: int) -> int:
         """The smallest of every rank's ``value``, so that all stages and replicas size memory alike."""

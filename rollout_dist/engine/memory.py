@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import CausalLMAdapter
+from ..model.offload import offloaded_layers
 
 GiB = 2 ** 30
 
@@ -27,7 +28,7 @@ def state_bytes_per_token(adapter: CausalLMAdapter, offload: str = "none", keep_
     first ``offload_layers`` layers only, 0: all)."""
     kv = adapter.kv_bytes_per_token()  # K and V of every layer
     one_layer_kind = kv // (2 * adapter.num_layers)  # K (or V) of one layer: one offload slot per token
-    resident = adapter.num_layers - (min(offload_layers, adapter.num_layers) if offload_layers else adapter.num_layers)
+    resident = adapter.num_layers - offloaded_layers(adapter.num_layers, offload_layers)
     per_token = {"none": 2 * kv,  # K/V and dK/dV
                  # dK/dV, two slots each for K and V, the K/V of the layers kept on the device
                  "kv": kv + 2 * 2 * one_layer_kind + 2 * resident * one_layer_kind,
@@ -36,6 +37,11 @@ def state_bytes_per_token(adapter: CausalLMAdapter, offload: str = "none", keep_
     if keep_attention:
         per_token += kept_bytes_per_token(adapter)
     return per_token
+
+
+def pending_gradient_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the gradients the next backward creates: every trainable parameter's that has none yet."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad and p.grad is None)
 
 
 def kept_bytes_per_token(adapter: CausalLMAdapter) -> int:

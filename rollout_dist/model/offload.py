@@ -32,6 +32,11 @@ OFFLOAD_MODES = ("none", "kv", "all")
 """none: everything on the device; kv: K/V on the host, dK/dV on the device; all: K/V and dK/dV on the host."""
 
 
+def offloaded_layers(num_layers: int, requested: int = 0) -> int:
+    """How many of ``num_layers`` layers an offloaded state puts on the host: the first ``requested`` (0: all)."""
+    return min(requested, num_layers) if requested else num_layers
+
+
 def available_host_bytes() -> int | None:
     """Host memory available to this process now: MemAvailable of /proc/meminfo, or less where a cgroup (v2)
     memory limit leaves less (containers); None where neither can be read."""
@@ -261,7 +266,7 @@ class OffloadedKVState(KVState):
             raise ValueError(f"offload mode {mode!r} is not one of {OFFLOAD_MODES[1:]}")
         if layers < 0:
             raise ValueError(f"layers to offload must be >= 0 (0: all), got {layers}")
-        self.offloaded = min(layers, num_layers) if layers else num_layers
+        self.offloaded = offloaded_layers(num_layers, layers)
         shape = (batch, length, kv_heads, head_dim)
         resident = [None] * self.offloaded + [torch.empty(shape, dtype=dtype, device=device)
                                               for _ in range(num_layers - self.offloaded)]
