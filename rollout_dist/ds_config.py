@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 
 # warm-up starts at this fraction of trainer.lr (DeepSpeed's schedulers start at their minimum on step 0)
 _WARMUP_START = 0.1
@@ -29,10 +29,7 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
         scheduler = {"type": "WarmupLR", "params": {
             "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": start * t.lr,
             "warmup_max_lr": t.lr}}
-    low_precision = t.optimizer_dtype == "bf16"
-    if low_precision and dtype != torch.bfloat16:
-        raise ConfigError(f"trainer.optimizer_dtype=bf16 needs a bf16 model; model.dtype gives {dtype} here: set "
-                          "model.dtype=bfloat16 or trainer.optimizer_dtype=fp32")
+    low_precision = t.optimizer_dtype == "bf16"  # the trainer has checked that the model is bf16
     zero = {"stage": t.zero_stage}
     if t.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": t.offload_optimizer, "pin_memory": device.type == "cuda"}

@@ -109,6 +109,10 @@ class Trainer:
         self._check_run_dir()
         torch.manual_seed(cfg.trainer.seed)
         self.model, self.tokenizer = build_model(cfg.model, self.device)
+        if cfg.trainer.optimizer_dtype == "bf16" and self.model.dtype != torch.bfloat16:
+            raise ConfigError(f"trainer.optimizer_dtype=bf16 needs a bf16 model; model.dtype gives "
+                              f"{str(self.model.dtype).replace('torch.', '')} on {self.device}: set "
+                              "model.dtype=bfloat16 or trainer.optimizer_dtype=fp32")
         self.docs, self.data_report = load_documents(
             cfg.data.path, self.tokenizer, self.model.config.vocab_size, text_field=cfg.data.text_field,
             # a chunk index plans whole documents: never split them (0 = no limit, also for the bundled sample)

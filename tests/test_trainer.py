@@ -164,7 +164,8 @@ def test_offloaded_optimizer_step_of_a_bf16_model(tmp_path, optimizer_dtype):
 
 def test_bf16_optimizer_states_need_a_bf16_model(tmp_path):
     with pytest.raises(ConfigError, match="optimizer_dtype=bf16 needs a bf16 model"):
-        make_trainer(tmp_path, dtype="float32", zero_stage=1, optimizer_dtype="bf16").setup()
+        make_trainer(tmp_path, dtype="float32", zero_stage=1, optimizer_dtype="bf16")
+    assert not (tmp_path / "run").exists()  # refused at construction: nothing written
 
 
 def test_offloaded_kv_trains_like_device_kv(tmp_path):
