@@ -1,6 +1,6 @@
 """Bytes autograd keeps per chunk token per decoder layer during a chunk's recompute (the M_chunk of the memory
 model in docs/performance.md), by model shape, counted exactly through saved-tensor hooks
-(rollout_dist.engine.memory.activation_bytes_per_token, decoder layers only).  Runs on CPU in bf16 with the
+(rollout_dist.engine.budget.activation_bytes_per_token, decoder layers only).  Runs on CPU in bf16 with the
 split-attention reference kernel, which saves what the GPU kernels save (q, k, v, output, log-sum-exp); weights
 and the carried K/V buffers are not counted.  Prints one JSON line per shape.
 
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from rollout_dist.engine.memory import activation_bytes_per_token  # noqa: E402
+from rollout_dist.engine.budget import activation_bytes_per_token  # noqa: E402
 from rollout_dist.model import CausalLMAdapter  # noqa: E402
 
 SHAPES = {

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _probe import BackwardStopper, PeakTrace, ProbeDone  # noqa: E402
 
 from rollout_dist import chunked_forward_backward  # noqa: E402
-from rollout_dist.engine.memory import activation_bytes_per_token, estimate_peak, pending_gradient_bytes  # noqa: E402
+from rollout_dist.engine.budget import activation_bytes_per_token, estimate_peak, pending_gradient_bytes  # noqa: E402
 from rollout_dist.model import CausalLMAdapter  # noqa: E402
 
 SHAPES = {
@@ -136,7 +136,7 @@ _ACTIVATION_PER_TOKEN: dict[int, int] = {}
 
 
 def predicted_gib(model, T, chunk, opts) -> float:
-    """The memory model's peak (rollout_dist/engine/memory.py), to set beside the measured one."""
+    """The memory model's peak (rollout_dist/engine/budget.py), to set beside the measured one."""
     adapter = CausalLMAdapter(model)
     if id(model) not in _ACTIVATION_PER_TOKEN:
         _ACTIVATION_PER_TOKEN[id(model)] = activation_bytes_per_token(adapter)

@@ -1,5 +1,8 @@
 """rollout_dist: chunk-wise rollout training of causal LMs on documents longer than one GPU holds."""
-from .engine import ExactRollout, RolloutResult, chunked_forward_backward
+from .engine import (ExactRollout, RandomStreams, Rollout, RolloutResult, StreamKey, chunked_forward_backward,
+                     make_rollout)
+from .model.carried_state import Boundary, CarriedState
 
 __version__ = "0.1.0"
-__all__ = ["ExactRollout", "RolloutResult", "chunked_forward_backward", "__version__"]
+__all__ = ["Boundary", "CarriedState", "ExactRollout", "RandomStreams", "Rollout", "RolloutResult", "StreamKey",
+           "chunked_forward_backward", "make_rollout", "__version__"]

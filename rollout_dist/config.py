@@ -108,7 +108,7 @@ class RolloutConfig:
     chunk_size: int = 512
     """Tokens per chunk. Activation memory scales with it; the K/V of the whole document are kept. 0: picked at
     start-up as the largest of 128 ... 32768 whose predicted peak for the longest document stays within 90% of
-    the GPU's memory (rollout_dist/engine/memory.py; larger chunks run faster); 512 on CPU."""
+    the GPU's memory (rollout_dist/engine/budget.py; larger chunks run faster); 512 on CPU."""
     attention: str = "auto"
     """Chunk-attention kernel: auto (cuDNN fused attention on CUDA in bf16/fp16, PyTorch SDPA elsewhere), sdpa,
     cudnn, flash (FA2) or math (plain torch, a reference). Dropout and sliding windows always use sdpa."""
@@ -120,7 +120,7 @@ class RolloutConfig:
     """With keep_attention: keep the outputs only of the chunks that start within the last N tokens of a
     document. The last chunks have the longest prefixes, so their attention forward costs most: keeping a
     quarter of a document's tokens saves almost half of the recomputed attention, for documents too long to
-    keep them all. 0: every chunk's, or on a GPU, if the memory model (engine/memory.py) says they do not all
+    keep them all. 0: every chunk's, or on a GPU, if the memory model (engine/budget.py) says they do not all
     fit beside the rest within 90% of its memory, those of as many last chunks as fit (logged at start-up)."""
     offload: str = "none"
     """Where the carried state lives: none (GPU), kv (K/V in pinned host memory, staged into the GPU a layer at

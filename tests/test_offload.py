@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from rollout_dist import ExactRollout, chunked_forward_backward
-from rollout_dist.engine.memory import state_bytes_per_token
+from rollout_dist.engine.budget import state_bytes_per_token
 from rollout_dist.model import CausalLMAdapter
-from rollout_dist.model.offload import HOST_POOL, HostPool, LayerRing, OffloadedKVState, check_host_memory
+from rollout_dist.model.offload import HostPool, LayerRing, OffloadedKVState, check_host_memory
 from tests.helpers import VOCAB, grads_of, reference_loss_and_grads, tiny_model, total_rel_error, worst_rel_error
 
 F64_GRAD_TOL = 1e-9
@@ -120,13 +120,20 @@ def test_offload_larger_than_host_memory_is_refused_with_figures(monkeypatch):
 
 
 def test_host_buffers_are_reused_between_rollouts():
+    """A rollout's own pool keeps its host buffers from document to document (a second rollout has its own)."""
     model = tiny_model("llama", num_hidden_layers=3)
     ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(25))
-    chunked_forward_backward(model, ids, chunk_size=8, offload="all")
-    allocated = HOST_POOL.allocated
-    chunked_forward_backward(model, ids[:, :20], chunk_size=8, offload="all")  # shorter: fits the same buffers
-    assert HOST_POOL.allocated == allocated
+    rollout = ExactRollout(8, offload="all")
+    rollout.run(model, ids)
+    allocated = rollout.host_pool.allocated
+    assert allocated > 0
+    rollout.run(model, ids[:, :20])  # shorter: fits the same buffers
+    assert rollout.host_pool.allocated == allocated
     expected = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    other = ExactRollout(8, offload="all")
+    other.run(model, ids[:, :20])
+    assert other.host_pool.allocated > 0 and rollout.host_pool.allocated == allocated
     model.zero_grad(set_to_none=True)
     chunked_forward_backward(model, ids, chunk_size=8)
     chunked_forward_backward(model, ids[:, :20], chunk_size=8)

@@ -7,13 +7,14 @@ RoPE scaling from the config (linear, yarn, llama3) is honoured.  No distributed
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager
 
 import torch
 
-from .attention import ATTN_NAME, ChunkContext, SegmentMask, attention_kernel
+from .attention import ATTN_NAME, ChunkContext, ChunkKernel, SegmentMask
 from .kv_state import KVState
-from .offload import OffloadedKVState
+from .offload import HostPool, OffloadedKVState
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # RoPE variants whose frequencies depend on the current sequence length cannot be evaluated chunk by chunk
@@ -64,28 +65,30 @@ class CausalLMAdapter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def new_state(self, batch: int, length: int, offload: str = "none", offload_layers: int = 0) -> KVState:
+    def new_state(self, batch: int, length: int, offload: str = "none", offload_layers: int = 0,
+                  pool: HostPool | None = None) -> KVState:
         """Carried K/V for a (batch, length) document: on the device, or (``offload`` kv/all) in host memory
-        staged layer by layer (rollout_dist.model.offload), for the first ``offload_layers`` layers (0: all)."""
+        staged layer by layer (rollout_dist.model.offload), for the first ``offload_layers`` layers (0: all), in
+        buffers from ``pool`` (None: the state's own)."""
         if offload == "none":
             return KVState.allocate(self.num_layers, batch, self.kv_heads, length, self.head_dim, self.dtype,
                                     self.device, layer_offset=self.layer_offset)
         return OffloadedKVState(self.num_layers, batch, self.kv_heads, length, self.head_dim, self.dtype,
-                                self.device, layer_offset=self.layer_offset, mode=offload, layers=offload_layers)
+                                self.device, layer_offset=self.layer_offset, mode=offload, layers=offload_layers,
+                                pool=pool)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V per token (all layers), in the model's dtype; dK/dV double it during backward."""
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     @contextmanager
-    def chunk_attention(self, kernel: str = "auto"):
-        """Routes the model's attention modules to chunk attention (``kernel``: see ``attention_kernel``) for the
-        duration of a rollout."""
+    def chunk_attention(self):
+        """Routes the model's attention modules to chunk attention for the duration of a rollout (the kernel goes
+        with each chunk: ``forward_layers(kernel=...)``)."""
         previous = self.config._attn_implementation
         self.config._attn_implementation = ATTN_NAME
         try:
-            with attention_kernel(kernel):
-                yield
+            yield
         finally:
             self.config._attn_implementation = previous
 
@@ -93,26 +96,34 @@ class CausalLMAdapter:
         return self.decoder.embed_tokens(input_ids)
 
     def forward_layers(self, hidden: torch.Tensor, start: int, state: KVState, phase: str,
-                       positions: torch.Tensor | None = None, segments: SegmentMask | None = None) -> torch.Tensor:
+                       positions: torch.Tensor | None = None, segments: SegmentMask | None = None,
+                       kernel: ChunkKernel | None = None,
+                       layer_scope: Callable[[int], ContextManager] | None = None) -> torch.Tensor:
         """Runs this model's (or stage's) decoder layers on the chunk at [start, start + c) of the document.
 
         ``positions`` (B, c) override the global positions (packed documents restart at 0); ``segments`` keeps
-        attention inside each packed document."""
+        attention inside each packed document; ``kernel`` picks the attention kernel (default: auto).
+        ``layer_scope(global layer index)`` is entered around each layer: the caller's random stream for that
+        layer's dropout (rollout_dist.engine.streams), so the draws do not depend on which process holds it."""
         state.begin_chunk(start, phase)
         if positions is None:
             positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)[None]
         rope = self.decoder.rotary_emb(hidden, positions)
-        context = ChunkContext(state=state, segments=segments)
-        for layer in self.layers:
-            out = layer(hidden, attention_mask=context, position_ids=positions, past_key_values=state,
-                        use_cache=True, position_embeddings=rope)
+        context = ChunkContext(state=state, segments=segments, kernel=kernel or ChunkKernel("auto"))
+        for i, layer in enumerate(self.layers):
+            with layer_scope(self.layer_offset + i) if layer_scope is not None else nullcontext():
+                out = layer(hidden, attention_mask=context, position_ids=positions, past_key_values=state,
+                            use_cache=True, position_embeddings=rope)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
     def forward_chunk(self, input_ids: torch.Tensor, start: int, state: KVState, phase: str,
-                      positions: torch.Tensor | None = None, segments: SegmentMask | None = None) -> torch.Tensor:
+                      positions: torch.Tensor | None = None, segments: SegmentMask | None = None,
+                      kernel: ChunkKernel | None = None,
+                      layer_scope: Callable[[int], ContextManager] | None = None) -> torch.Tensor:
         """Hidden states after the final norm for ``input_ids`` (B, c) at [start, start + c) of the document."""
-        return self.final_norm(self.forward_layers(self.embed(input_ids), start, state, phase, positions, segments))
+        return self.final_norm(self.forward_layers(self.embed(input_ids), start, state, phase, positions, segments,
+                                                   kernel, layer_scope))
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.norm(hidden)

@@ -8,35 +8,36 @@ kv_len - q_len + i) sees keys j <= that position, and with a sliding window only
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
-from .split_attention import BACKENDS, split_chunk_attention, split_forward
+from .split_attention import BACKENDS, SplitKernel, split_chunk_attention, split_forward
 
 ATTN_NAME = "rollout_chunk"
 KERNELS = ("auto", "sdpa") + BACKENDS
-_KERNEL: ContextVar[str] = ContextVar("rollout_attention_kernel", default="sdpa")
 
 
-@contextmanager
-def attention_kernel(name: str):
-    """Selects the chunk-attention kernel for a rollout: ``sdpa`` (PyTorch SDPA with a lower-right causal bias;
-    any device and dtype), ``cudnn`` or ``flash`` (split prefix/diagonal kernels merged by log-sum-exp; CUDA,
-    fp16/bf16, no dropout, no sliding window: other cases use sdpa), ``math`` (the same split in plain torch,
-    any device: a reference for tests), or ``auto`` (cudnn where it applies)."""
-    if name not in KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; choose one of {KERNELS}")
-    token = _KERNEL.set(name)
-    try:
-        yield
-    finally:
-        _KERNEL.reset(token)
+class ChunkKernel:
+    """Which chunk-attention kernel a rollout uses, passed to the attention with each chunk (``ChunkContext``):
+    ``sdpa`` (PyTorch SDPA with a lower-right causal bias; any device and dtype), ``cudnn`` or ``flash`` (split
+    prefix/diagonal kernels merged by log-sum-exp; CUDA, fp16/bf16, no dropout, no sliding window: other cases use
+    sdpa), ``math`` (the same split in plain torch, any device: a reference for tests), or ``auto`` (cudnn where it
+    applies).  What a split backend learns (a refusal of grouped K/V heads) stays in this object."""
+
+    def __init__(self, name: str = "auto"):
+        if name not in KERNELS:
+            raise ValueError(f"unknown attention kernel {name!r}; choose one of {KERNELS}")
+        self.name = name
+        self.split = SplitKernel("cudnn" if name in ("auto", "sdpa") else name)
+
+    def split_applies(self, query, windowed: bool, dropout: float) -> bool:
+        if windowed or dropout != 0.0 or self.name == "sdpa":
+            return False
+        return self.name == "math" or (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16))
 
 
 def chunk_mask(q_len: int, kv_len: int, sliding_window: int | None, device) -> torch.Tensor:
@@ -60,16 +61,12 @@ class SegmentMask:
 @dataclass(frozen=True)
 class ChunkContext:
     """What the adapter hands the attention through the layers' ``attention_mask`` argument (HF passes it on
-    untouched): the carried state (phase, chunk start, stored attention outputs) and packed-document segments."""
+    untouched): the carried state (phase, chunk start, stored attention outputs), packed-document segments and
+    the kernel."""
 
     state: object = None
     segments: SegmentMask | None = None
-
-
-def _split_applies(kernel: str, query, windowed: bool, dropout: float) -> bool:
-    if windowed or dropout != 0.0 or kernel == "sdpa":
-        return False
-    return kernel == "math" or (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16))
+    kernel: ChunkKernel = field(default_factory=lambda: ChunkKernel("sdpa"))
 
 
 def chunk_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0,
@@ -82,7 +79,7 @@ def chunk_attention_forward(module, query, key, value, attention_mask=None, drop
                          "(mark ignored positions with label -100 instead)")
     context = attention_mask or ChunkContext()
     q_len, kv_len = query.shape[2], key.shape[2]
-    kernel = _KERNEL.get()
+    kernel = context.kernel
     windowed = sliding_window is not None and sliding_window < kv_len
     if context.segments is not None:
         allowed = chunk_mask(q_len, kv_len, sliding_window if windowed else None, query.device)[None]
@@ -90,8 +87,8 @@ def chunk_attention_forward(module, query, key, value, attention_mask=None, drop
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], dropout_p=dropout,
                                              scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).contiguous(), None
-    if _split_applies(kernel, query, windowed, dropout):
-        backend = "cudnn" if kernel == "auto" else kernel
+    if kernel.split_applies(query, windowed, dropout):
+        backend = kernel.split
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         state = context.state
         if state is not None and state.keeps_attention():

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .carried_state import LAYOUT_VERSION, Boundary, CarriedState
+
 
 class _CarriedKV(torch.autograd.Function):
     """The K (or V) one chunk attends to during the backward recompute: the carried prefix plus its own.
@@ -46,12 +48,14 @@ class _CarriedKV(torch.autograd.Function):
 
 
 @dataclass
-class KVState:
+class KVState(CarriedState):
     """Per-layer K/V of one document (batch), shape (B, T, kv_heads, head_dim) each, in the model's dtype.
 
-    ``phase`` is ``"fill"`` during the first (no-grad) forward, where each chunk's K/V are written into the
-    buffers, and ``"recompute"`` during the reverse pass, where the chunk's K/V come fresh from the graph and
-    gradients for the prefix are accumulated into ``dkeys``/``dvalues``.
+    ``phase`` is ``"fill"`` during a no-grad forward, where each chunk's K/V are written into the buffers, and
+    ``"recompute"`` during the reverse pass, where the chunk's K/V come fresh from the graph and gradients for the
+    prefix are accumulated into ``dkeys``/``dvalues``.  The rollout records where the document stands
+    (``boundary``: chunks filled, chunks run backward) so that a state can be saved (``state_dict``, layout in
+    rollout_dist.model.carried_state), loaded into a fresh one and continued.
     """
 
     keys: list[torch.Tensor]
@@ -62,6 +66,7 @@ class KVState:
     phase: str = "fill"
     filled: int = 0  # positions [0, filled) hold K/V written by the fill phase
     layer_offset: int = 0  # global index of this state's first layer (a pipeline stage holds a slice)
+    length: int = 0  # tokens allocated for
     keep_attention: bool = False
     keep_from: int = 0  # with keep_attention: only chunks starting at or after this position keep their outputs
     # (layer, chunk start) -> (attention output, log-sum-exp, kernel parts) kept by the fill pass, consumed
@@ -70,6 +75,14 @@ class KVState:
     # filled when ``verify_recompute`` is on: max |recomputed - stored| over layers, per chunk (debug aid)
     verify_recompute: bool = False
     recompute_mismatch: list[float] = field(default_factory=list)
+    # where the document stands (the rollout advances these after each chunk)
+    fill_chunks: int = 0
+    backward_chunks: int = 0
+    in_backward: bool = False
+    grad_end: int = 0  # in the backward phase: dK/dV (and the K/V still needed) are live on [0, grad_end)
+    loss_sum: torch.Tensor | None = None  # float64, the backward chunks' token losses so far
+    stream_key: tuple[int, int, int] | None = None  # (seed, step, document) the document runs under
+    position_ids: torch.Tensor | None = None  # (B, >= filled) positions the tokens ran at; None: 0, 1, 2, ...
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
@@ -77,7 +90,93 @@ class KVState:
         shape = (batch, length, kv_heads, head_dim)
         return cls(keys=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)],
                    values=[torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-                   layer_offset=layer_offset)
+                   layer_offset=layer_offset, length=length)
+
+    # CarriedState ------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.length
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def batch(self) -> int:
+        return self._layer_tensor("k", self.num_layers - 1).shape[0]
+
+    @property
+    def boundary(self) -> Boundary:
+        if self.in_backward:
+            return Boundary("backward", self.backward_chunks, self.grad_end)
+        return Boundary("fill", self.fill_chunks, self.filled)
+
+    @property
+    def grads_allocated(self) -> bool:
+        return bool(self.dkeys)
+
+    def _layer_tensor(self, kind: str, layer: int) -> torch.Tensor:
+        """The whole (B, T, heads, D) tensor of ``kind`` (k, v, dk, dv) for local ``layer``, wherever it lives."""
+        return {"k": self.keys, "v": self.values, "dk": self.dkeys, "dv": self.dvalues}[kind][layer]
+
+    def _settle(self) -> None:
+        """Waits for copies still in flight into the tensors ``_layer_tensor`` returns (none here)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self._settle()
+        b = self.boundary
+        n, batch = b.position, self.batch
+        if self.position_ids is None:
+            positions = torch.arange(n, dtype=torch.int64)[None].expand(batch, n)
+        else:
+            positions = self.position_ids[:, :n].to("cpu", torch.int64)
+        out = {"version": torch.tensor(LAYOUT_VERSION), "phase": torch.tensor(int(b.phase == "backward")),
+               "chunks": torch.tensor(b.chunks), "position": torch.tensor(n), "positions": positions.clone(),
+               "layers": torch.arange(self.layer_offset, self.layer_offset + self.num_layers),
+               "stream": torch.tensor(self.stream_key if self.stream_key is not None else (-1, -1, -1))}
+        kinds = (("k", "key"), ("v", "value")) + ((("dk", "dkey"), ("dv", "dvalue")) if self.in_backward else ())
+        for i in range(self.num_layers):
+            for kind, name in kinds:
+                out[f"layer.{self.layer_offset + i}.{name}"] = self._layer_tensor(kind, i)[:, :n].to("cpu", copy=True)
+        if self.in_backward:
+            out["loss_sum"] = (self.loss_sum.detach().to("cpu", torch.float64).clone() if self.loss_sum is not None
+                               else torch.zeros((), dtype=torch.float64))
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        version = int(state.get("version", -1))
+        if version != LAYOUT_VERSION:
+            raise ValueError(f"carried-state layout version {version} cannot be loaded (this code reads "
+                             f"version {LAYOUT_VERSION})")
+        layers = [int(x) for x in state["layers"]]
+        mine = list(range(self.layer_offset, self.layer_offset + self.num_layers))
+        if layers != mine:
+            raise ValueError(f"the saved state holds decoder layers {layers}, this one {mine}: load it into a state "
+                             "of the same model and pipeline stage")
+        n, backward = int(state["position"]), bool(int(state["phase"]))
+        if n > self.capacity:
+            raise ValueError(f"the saved state holds {n} tokens, more than this state's {self.capacity}")
+        kinds = (("k", "key"), ("v", "value")) + ((("dk", "dkey"), ("dv", "dvalue")) if backward else ())
+        if backward and not self.grads_allocated:
+            self.allocate_grads()
+        for i in range(self.num_layers):
+            for kind, name in kinds:
+                src, dst = state[f"layer.{self.layer_offset + i}.{name}"], self._layer_tensor(kind, i)
+                if src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:] or src.shape[1] != n:
+                    raise ValueError(f"layer.{self.layer_offset + i}.{name} has shape {tuple(src.shape)}; this "
+                                     f"state needs ({dst.shape[0]}, {n}, {dst.shape[2]}, {dst.shape[3]})")
+                if src.dtype != dst.dtype:
+                    raise ValueError(f"layer.{self.layer_offset + i}.{name} is {src.dtype}, this state {dst.dtype}")
+                dst[:, :n].copy_(src)
+        self.filled, self.in_backward = n, backward
+        chunks = int(state["chunks"])
+        self.fill_chunks, self.backward_chunks = (0, chunks) if backward else (chunks, 0)
+        self.grad_end = n if backward else 0
+        self.loss_sum = state["loss_sum"].clone() if backward else None
+        key = tuple(int(x) for x in state["stream"])
+        self.stream_key = None if key == (-1, -1, -1) else key
+        self.position_ids = state["positions"].clone()
+        self.attention_cache.clear()
 
     @property
     def nbytes(self) -> int:

@@ -121,8 +121,6 @@ class HostPool:
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
 
 
-HOST_POOL = HostPool()
-
 
 def _give_back(pool: HostPool, buffers: list[torch.Tensor], stream) -> None:
     if stream is not None:
@@ -148,19 +146,21 @@ class LayerRing:
     """
 
     def __init__(self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 slots: int = 2, zero: bool = False, stream: torch.cuda.Stream | None = None):
+                 slots: int = 2, zero: bool = False, stream: torch.cuda.Stream | None = None,
+                 pool: HostPool | None = None):
         if slots < 2:
             raise ValueError(f"a layer ring needs at least 2 slots (one in use, one filling); got {slots}")
         self.device, self.stream = device, stream
         numel = math.prod(shape)
-        flats = [HOST_POOL.take(numel * dtype.itemsize, pinned=device.type == "cuda") for _ in range(num_layers)]
+        pool = HostPool() if pool is None else pool
+        flats = [pool.take(numel * dtype.itemsize, pinned=device.type == "cuda") for _ in range(num_layers)]
         self.host = [f[:numel * dtype.itemsize].view(dtype).view(shape) for f in flats]
         self._host_bytes = num_layers * numel * dtype.itemsize
         if zero:
             for t in self.host:
                 t.zero_()
         # the buffers return to the pool when the ring is closed or collected, after its copies finished
-        self.release = weakref.finalize(self, _give_back, HOST_POOL, flats, stream)
+        self.release = weakref.finalize(self, _give_back, pool, flats, stream)
         self.slots = [torch.empty(shape, dtype=dtype, device=device) for _ in range(slots)]
         self._layer: list[int | None] = [None] * slots
         self._valid = [0] * slots  # slot i holds layer _layer[i] on [0, _valid[i])
@@ -257,11 +257,12 @@ class OffloadedKVState(KVState):
     Device memory no longer grows with the document for what is offloaded: it holds ``slots`` layers' worth of
     buffers per offloaded tensor kind (full document length each), the rest stays as in ``KVState``.  ``layers``
     > 0 offloads only the state's first ``layers`` layers; the later ones stay on the device (``keys``/``values``
-    hold None for the offloaded ones)."""
+    hold None for the offloaded ones).  Host buffers come from ``pool`` (the owner's, so that a training loop
+    reuses them from document to document; None: a pool of the state's own)."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, layer_offset: int = 0, mode: str = "kv",
-                 slots: int = 2, layers: int = 0):
+                 slots: int = 2, layers: int = 0, pool: HostPool | None = None):
         if mode not in ("kv", "all"):
             raise ValueError(f"offload mode {mode!r} is not one of {OFFLOAD_MODES[1:]}")
         if layers < 0:
@@ -271,16 +272,17 @@ class OffloadedKVState(KVState):
         resident = [None] * self.offloaded + [torch.empty(shape, dtype=dtype, device=device)
                                               for _ in range(num_layers - self.offloaded)]
         super().__init__(keys=resident, values=[t if t is None else torch.empty_like(t) for t in resident],
-                         layer_offset=layer_offset)
-        self.mode, self.num_layers = mode, num_layers
+                         layer_offset=layer_offset, length=length)
+        self.mode = mode
+        self.pool = HostPool() if pool is None else pool
         self._shape, self._dtype, self._device = shape, dtype, device
         available = available_host_bytes()
         check_host_memory(host_bytes_needed(mode, self.offloaded, batch * length, kv_heads, head_dim, dtype),
                           f"rollout.offload={mode} for {batch} x {length} tokens and {self.offloaded} layers",
-                          None if available is None else available + HOST_POOL.free_bytes)
+                          None if available is None else available + self.pool.free_bytes)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.rings = {kind: LayerRing(self.offloaded, self._shape, dtype, device, slots=slots, stream=stream)
-                      for kind in ("k", "v")}
+        self.rings = {kind: LayerRing(self.offloaded, self._shape, dtype, device, slots=slots, stream=stream,
+                                      pool=self.pool) for kind in ("k", "v")}
         self.grad_rings: dict[str, LayerRing] = {}
         self._grad_slot: dict[tuple[int, str], int] = {}
         self.packed = 0  # saved tensors replaced by a token during recompute (tests check it is not 0)
@@ -308,8 +310,26 @@ class OffloadedKVState(KVState):
         if on_host:
             stream = self.rings["k"].stream
             self.grad_rings = {kind: LayerRing(on_host, self._shape, self._dtype, self._device,
-                                               slots=len(self.rings[kind].slots), zero=True, stream=stream)
-                               for kind in ("k", "v")}
+                                               slots=len(self.rings[kind].slots), zero=True, stream=stream,
+                                               pool=self.pool) for kind in ("k", "v")}
+
+    @property
+    def grads_allocated(self) -> bool:
+        return bool(self.dkeys) or bool(self.grad_rings)
+
+    def _layer_tensor(self, kind: str, layer: int) -> torch.Tensor:
+        """Offloaded layers: the host tensor (the slots only ever hold copies of it, written back as they change)."""
+        if layer < self.offloaded:
+            if kind in ("k", "v"):
+                return self.rings[kind].host[layer]
+            if self.grad_rings:
+                return self.grad_rings[kind[1]].host[layer]
+        return super()._layer_tensor(kind, layer)
+
+    def _settle(self) -> None:
+        for ring in self._all_rings:
+            if ring.stream is not None:
+                ring.stream.synchronize()
 
     # forward -----------------------------------------------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):

@@ -16,8 +16,22 @@ aten = torch.ops.aten
 BACKENDS = ("cudnn", "flash", "math")
 # cuDNN refuses some tiny problems (s_q = s_kv = 1, seen on H200); parts shorter than this go to FA2
 _CUDNN_MIN_LEN = 16
-# backends found to refuse grouped K/V heads (fewer K/V heads than query heads); they get expanded heads
-_NEEDS_EXPANDED_KV: set[str] = {"math"}
+
+
+class SplitKernel:
+    """A split-attention backend and what it has learned: the backends that refused grouped K/V heads (fewer K/V
+    heads than query heads), which get transiently expanded heads from then on.  Owned by its user (a rollout's
+    ``ChunkKernel``), never shared by the process: one model's refusal does not change another's kernels."""
+
+    def __init__(self, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown split-attention backend {backend!r}; choose one of {BACKENDS}")
+        self.backend = backend
+        self.expanded_kv: set[str] = {"math"}  # the reference kernel computes per query head
+
+
+def _as_kernel(kernel: SplitKernel | str) -> SplitKernel:
+    return SplitKernel(kernel) if isinstance(kernel, str) else kernel
 
 
 def _expand(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -37,21 +51,23 @@ def _part_backend(backend: str, q, k) -> str:
     return backend
 
 
-def _forward(backend: str, q, k, v, causal: bool, scale: float):
-    backend = _part_backend(backend, q, k)
+def _forward(kernel: SplitKernel, q, k, v, causal: bool, scale: float):
+    backend = _part_backend(kernel.backend, q, k)
     groups = q.shape[1] // k.shape[1]
-    if groups > 1 and backend not in _NEEDS_EXPANDED_KV:
+    if groups > 1 and backend not in kernel.expanded_kv:
         try:
             return _forward_kernel(backend, q, k, v, causal, scale)
+        except torch.OutOfMemoryError:
+            raise  # out of memory is not a refusal of grouped heads (and expanding them would need more)
         except RuntimeError:
-            _NEEDS_EXPANDED_KV.add(backend)
+            kernel.expanded_kv.add(backend)
     return _forward_kernel(backend, q, _expand(k, groups), _expand(v, groups), causal, scale)
 
 
-def _backward(backend: str, dout, q, k, v, out, lse, rest, causal: bool, scale: float):
-    backend = _part_backend(backend, q, k)
+def _backward(kernel: SplitKernel, dout, q, k, v, out, lse, rest, causal: bool, scale: float):
+    backend = _part_backend(kernel.backend, q, k)
     groups = q.shape[1] // k.shape[1]
-    if groups == 1 or backend not in _NEEDS_EXPANDED_KV:
+    if groups == 1 or backend not in kernel.expanded_kv:
         return _backward_kernel(backend, dout, q, k, v, out, lse, rest, causal, scale)
     gq, gk, gv = _backward_kernel(backend, dout, q, _expand(k, groups), _expand(v, groups), out, lse, rest, causal,
                                   scale)
@@ -127,15 +143,16 @@ def _merge(out1, lse1, out2, lse2):
     return out, lse.to(lse1.dtype)
 
 
-def split_forward(q, k, v, scale: float, backend: str):
+def split_forward(q, k, v, scale: float, kernel: SplitKernel | str):
     """(out, lse, parts) of lower-right causal attention: the prefix and the diagonal block, merged; ``parts``
     holds what each part's backward kernel needs."""
+    kernel = _as_kernel(kernel)
     c, e = q.shape[2], k.shape[2]
     s = e - c
-    own = _forward(backend, q, k[:, :, s:], v[:, :, s:], True, scale)
+    own = _forward(kernel, q, k[:, :, s:], v[:, :, s:], True, scale)
     if s == 0:
         return own[0], own[1], [(s, e, True, own[2])]
-    pre = _forward(backend, q, k[:, :, :s], v[:, :, :s], False, scale)
+    pre = _forward(kernel, q, k[:, :, :s], v[:, :, :s], False, scale)
     out, lse = _merge(pre[0], pre[1], own[0], own[1])
     return out, lse, [(0, s, False, pre[2]), (s, e, True, own[2])]
 
@@ -147,10 +164,10 @@ class SplitChunkAttention(torch.autograd.Function):
     so the forward kernels are not run again; backward is the same either way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, backend: str, cached=None):
-        out, lse, parts = split_forward(q, k, v, scale, backend) if cached is None else cached
+    def forward(ctx, q, k, v, scale: float, kernel: SplitKernel, cached=None):
+        out, lse, parts = split_forward(q, k, v, scale, kernel) if cached is None else cached
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.parts, ctx.scale, ctx.backend = parts, scale, backend
+        ctx.parts, ctx.scale, ctx.kernel = parts, scale, kernel
         return out
 
     @staticmethod
@@ -160,7 +177,7 @@ class SplitChunkAttention(torch.autograd.Function):
         dq = None
         dks, dvs = [], []
         for lo, hi, causal, rest in ctx.parts:
-            gq, gk, gv = _backward(ctx.backend, dout, q, k[:, :, lo:hi], v[:, :, lo:hi], out, lse, rest, causal,
+            gq, gk, gv = _backward(ctx.kernel, dout, q, k[:, :, lo:hi], v[:, :, lo:hi], out, lse, rest, causal,
                                    ctx.scale)
             dq = gq if dq is None else dq + gq
             dks.append(gk)
@@ -170,10 +187,10 @@ class SplitChunkAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def split_chunk_attention(q, k, v, scale: float | None, backend: str, cached=None) -> torch.Tensor:
+def split_chunk_attention(q, k, v, scale: float | None, kernel: SplitKernel | str, cached=None) -> torch.Tensor:
     """(B, Hq, c, D) output of lower-right causal attention of q over k, v.  Grouped K/V heads are passed as
-    they are; a kernel that refuses them is remembered and gets transiently expanded heads from then on."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown split-attention backend {backend!r}; choose one of {BACKENDS}")
+    they are; a backend that refuses them is remembered by ``kernel`` (a backend name: a kernel of this call's
+    own) and gets transiently expanded heads from then on."""
+    kernel = _as_kernel(kernel)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return SplitChunkAttention.apply(q, k, v, scale, backend, cached)
+    return SplitChunkAttention.apply(q, k, v, scale, kernel, cached)

@@ -12,47 +12,52 @@ only run backward once chunk c has sent it its share).  With C chunks and p stag
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from ..engine.exact import (BackwardFn, RolloutResult, _capture_rng, _RestoredRng, check_spans, fixed_spans,
-                            validate_inputs)
-from ..engine.loss import IGNORE_INDEX, head_cross_entropy_sum, shift_targets
-from ..model import CausalLMAdapter
-from ..model.attention import KERNELS
+from ..engine.loss import head_cross_entropy_sum
+from ..engine.rollout import (BackwardFn, ChunkHook, ProgressFn, Rollout, RolloutResult, check_token_ids,
+                              fixed_spans, stops_here)
+from ..engine.streams import StreamKey
+from ..model import CausalLMAdapter, KVState
+from ..model.carried_state import Boundary
 from .layout import RankLayout
 from .p2p import P2P
 
 
-class PipelineRollout:
-    """One stage's part of the exact rollout.  ``run`` returns the loss sum on the last stage, 0 elsewhere."""
+class PipelineRollout(Rollout):
+    """One stage's part of the exact rollout.  ``run`` returns the loss sum on the last stage, 0 elsewhere.
+
+    Its carried state is the stage's own layers' K/V (``KVState`` with the stage's layer offset).  A run may stop
+    at a fill boundary (``stop_at=Boundary("fill", k)``) on every stage and continue from there; the 1F1B backward
+    schedule keeps recomputed chunks in flight between stages, so it has no boundary to stop at."""
 
     def __init__(self, chunk_size: int, layout: RankLayout, attention: str = "auto", keep_attention: bool = False,
                  vocab_tile: int = 0, keep_tokens: int = 0):
-        if not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        if attention not in KERNELS:
-            raise ValueError(f"attention={attention!r} is not one of {KERNELS}")
-        self.chunk_size, self.layout, self.attention = chunk_size, layout, attention
-        self.keep_attention, self.vocab_tile, self.keep_tokens = keep_attention, vocab_tile, keep_tokens
+        super().__init__(chunk_size, attention=attention, keep_attention=keep_attention, vocab_tile=vocab_tile,
+                         keep_tokens=keep_tokens)
+        self.layout = layout
 
-    def spans(self, length: int) -> list[tuple[int, int]]:
-        return fixed_spans(length, self.chunk_size)
+    def new_state(self, model: torch.nn.Module, batch: int, length: int) -> KVState:
+        return CausalLMAdapter(model).new_state(batch, length)
 
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-            loss_normalizer: float, backward: BackwardFn | None = None,
-            spans: list[tuple[int, int]] | None = None) -> RolloutResult:
+            loss_normalizer: float | None = None, backward: BackwardFn | None = None,
+            spans: list[tuple[int, int]] | None = None, state: KVState | None = None,
+            stream: StreamKey | None = None, stop_at: Boundary | None = None, hooks: Sequence[ChunkHook] = (),
+            progress: ProgressFn | None = None) -> RolloutResult:
+        if stop_at is not None and stop_at.phase != "fill":
+            raise ValueError("a pipeline rollout stops only at fill boundaries (stop_at=Boundary('fill', k))")
         adapter = CausalLMAdapter(model)
         lay = self.layout
-        validate_inputs(input_ids, labels, self.chunk_size, adapter.vocab_size)
-        device, dtype = adapter.device, adapter.dtype
-        input_ids = input_ids.to(device)
-        targets = shift_targets(input_ids if labels is None else labels.to(device))
-        num_tokens = int((targets != IGNORE_INDEX).sum())
+        doc = self.prepare(adapter, input_ids, labels, spans=spans)
+        normalizer = float(doc.num_tokens if loss_normalizer is None else loss_normalizer)
         backward = backward or torch.Tensor.backward
-        batch, length = input_ids.shape
-        spans = self.spans(length) if spans is None else check_spans(spans, length)
-        state = adapter.new_state(batch, length)
-        state.keep_outputs(self.keep_attention, self.keep_tokens, length)
+        device, dtype = adapter.device, adapter.dtype
+        state, own, stream = self.attach(model, doc, state, stream, stop_at)
+        spans, targets, batch = doc.spans, doc.targets, doc.batch
+        n = len(spans)
         p2p = P2P()
 
         def hidden_shape(s, e):
@@ -60,19 +65,21 @@ class PipelineRollout:
 
         def stage_input(s, e, grad: bool):
             if adapter.has_embedding:
-                return adapter.embed(input_ids[:, s:e])
+                return adapter.embed(doc.input_ids[:, s:e])
             h = p2p.recv(hidden_shape(s, e), dtype, device, lay.prev_rank)
             return h.requires_grad_(grad)
 
-        rng = []
+        def layers(c, h, phase):
+            return adapter.forward_layers(h, spans[c][0], state, phase=phase, kernel=self.kernel,
+                                          layer_scope=lambda layer: stream.scope(c, layer, device))
+
         pending: dict[int, tuple] = {}
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
         def recompute(c):
             s, e = spans[c]
-            with _RestoredRng(rng[c], device), torch.enable_grad():
+            with torch.enable_grad():
                 h_in = stage_input(s, e, grad=True)
-                h = adapter.forward_layers(h_in, s, state, phase="recompute")
+                h = layers(c, h_in, "recompute")
                 if adapter.has_head:
                     ce = head_cross_entropy_sum(adapter.final_norm(h), adapter.head, targets[:, s:e], self.vocab_tile)
                     pending[c] = (h_in, ce)
@@ -81,37 +88,76 @@ class PipelineRollout:
                     pending[c] = (h_in, h)
 
         def run_backward(c):
-            nonlocal loss_sum
             s, e = spans[c]
             h_in, out = pending.pop(c)
             if adapter.has_head:
-                backward(out / loss_normalizer)
-                loss_sum += out.detach().to(torch.float64)
+                backward(out / normalizer)
+                state.loss_sum += out.detach().to(torch.float64)
             else:
                 dh = p2p.recv(hidden_shape(s, e), dtype, device, lay.next_rank)
                 backward((out * dh).sum())  # d/d(out) of <out, dh> is dh: continues the chain rule
             if not adapter.has_embedding:
                 p2p.send(h_in.grad, lay.prev_rank)
+            self.chunk_done(state, "backward", c, spans[c], hooks, progress, n)
 
-        state.allocate_grads()  # before the fill pass: fail fast where the carried state does not fit
-        with adapter.chunk_attention(self.attention):
-            with torch.no_grad():
-                for s, e in spans[:-1]:
-                    rng.append(_capture_rng(device))
-                    h = adapter.forward_layers(stage_input(s, e, grad=False), s, state, phase="fill")
-                    if not adapter.has_head:
-                        p2p.send(h, lay.next_rank)
-            rng.append(_capture_rng(device))
-            order = list(range(len(spans) - 1, -1, -1))
-            ahead = min(lay.pp - 1 - lay.stage, len(order))
-            for c in order[:ahead]:
-                recompute(c)
-            for i, c in enumerate(order[ahead:]):
-                recompute(c)
-                run_backward(order[i])
-            for c in order[len(order) - ahead:]:
-                run_backward(c)
+        if not state.grads_allocated:
+            state.allocate_grads()  # before the fill pass: fail fast where the carried state does not fit
+        try:
+            with adapter.chunk_attention():
+                with torch.no_grad():
+                    for c in range(state.fill_chunks, n - 1):
+                        s, e = spans[c]
+                        h = layers(c, stage_input(s, e, grad=False), "fill")
+                        if not adapter.has_head:
+                            p2p.send(h, lay.next_rank)
+                        self.chunk_done(state, "fill", c, spans[c], hooks, progress, n - 1)
+                        if stops_here(stop_at, state):
+                            return self.result(doc, state, False, adapter.has_head)
+                self.begin_backward(state, device)
+                order = list(range(n - 1, -1, -1))
+                ahead = min(lay.pp - 1 - lay.stage, len(order))
+                for c in order[:ahead]:
+                    recompute(c)
+                for i, c in enumerate(order[ahead:]):
+                    recompute(c)
+                    run_backward(order[i])
+                for c in order[len(order) - ahead:]:
+                    run_backward(c)
+            return self.result(doc, state, True, adapter.has_head)
+        finally:
+            p2p.drain()
+            if own:
+                state.close()
+
+    def fill(self, model: torch.nn.Module, input_ids: torch.Tensor, state: KVState, *,
+             stream: StreamKey | None = None, hooks: Sequence[ChunkHook] = ()) -> torch.Tensor | None:
+        """This stage's part of ``Rollout.fill``: every stage is called with the same ``input_ids``; hidden
+        states stream through the stages; the last stage returns the last chunk's logits, the others None."""
+        adapter = CausalLMAdapter(model)
+        if state.in_backward:
+            raise ValueError("fill continues only a state in its forward (fill) phase")
+        start, batch = state.filled, input_ids.shape[0]
+        end = start + input_ids.shape[1]
+        if end > state.capacity or batch != state.batch:
+            raise ValueError(f"the state holds {state.batch} x {state.capacity} tokens with {start} filled; "
+                             f"{batch} x {input_ids.shape[1]} more do not fit")
+        check_token_ids(input_ids, adapter.vocab_size)
+        input_ids, device, lay, p2p = input_ids.to(adapter.device), adapter.device, self.layout, P2P()
+        if stream is None:
+            stream = StreamKey(*state.stream_key) if state.stream_key is not None else StreamKey(seed=0)
+        state.stream_key = (stream.seed, stream.step, stream.document)
+        h = None
+        with adapter.chunk_attention(), torch.no_grad():
+            for s, e in fixed_spans(end, self.chunk_size, start):
+                c = state.fill_chunks
+                if adapter.has_embedding:
+                    h = adapter.embed(input_ids[:, s - start:e - start])
+                else:
+                    h = p2p.recv((batch, e - s, adapter.hidden_size), adapter.dtype, device, lay.prev_rank)
+                h = adapter.forward_layers(h, s, state, phase="fill", kernel=self.kernel,
+                                           layer_scope=lambda layer, c=c: stream.scope(c, layer, device))
+                if not adapter.has_head:
+                    p2p.send(h, lay.next_rank)
+                self.chunk_done(state, "fill", c, (s, e), hooks, None, 0)
         p2p.drain()
-        total = float(loss_sum)
-        return RolloutResult(loss=total / num_tokens if adapter.has_head else float("nan"), num_tokens=num_tokens,
-                             loss_sum=total, num_chunks=len(spans), state_bytes=state.nbytes)
+        return adapter.logits(adapter.final_norm(h)) if adapter.has_head else None

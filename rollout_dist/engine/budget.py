@@ -1,4 +1,5 @@
-"""Peak GPU memory of an exact rollout step, predicted before it runs (the memory model of docs/performance.md).
+"""Byte budget of an exact rollout step: its peak GPU memory, predicted before it runs (the memory model of
+docs/performance.md).  Named "budget" because "memory" is memory mode (a carried, bounded state).
 
     peak = fixed (weights, gradients, optimizer states: what is allocated now)
          + carried state per token · T          (K/V, dK/dV, kept attention outputs, offload slots)
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import CausalLMAdapter
+from ..model.attention import ChunkKernel
 from ..model.offload import offloaded_layers
 
 GiB = 2 ** 30
@@ -80,22 +82,23 @@ def _count_saved_bytes(adapter: CausalLMAdapter, probe_tokens: int, layers_only:
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
-    with adapter.chunk_attention("math"):  # the reference split kernel saves what the fused ones save
+    kernel = ChunkKernel("math")  # the reference split kernel saves what the fused ones save
+    with adapter.chunk_attention():
         with torch.no_grad():
-            adapter.forward_chunk(ids[:, :probe_tokens], 0, state, phase="fill")
+            adapter.forward_chunk(ids[:, :probe_tokens], 0, state, phase="fill", kernel=kernel)
         with torch.enable_grad():
             chunk_ids = ids[:, probe_tokens:]
             hidden = adapter.embed(chunk_ids) if layers_only else None
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 if layers_only:
-                    adapter.forward_layers(hidden, probe_tokens, state, phase="recompute")
+                    adapter.forward_layers(hidden, probe_tokens, state, phase="recompute", kernel=kernel)
                 else:
-                    adapter.forward_chunk(chunk_ids, probe_tokens, state, phase="recompute")
+                    adapter.forward_chunk(chunk_ids, probe_tokens, state, phase="recompute", kernel=kernel)
     return -(-sum(saved.values()) // probe_tokens)
 
 
 @dataclass
-class MemoryEstimate:
+class PeakEstimate:
     tokens: int
     chunk: int
     fixed: int
@@ -117,7 +120,7 @@ class MemoryEstimate:
 def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload: str = "none",
                   keep_attention: bool = False, vocab_tile: int = 0, fixed: int | None = None,
                   activation_per_token: int | None = None, keep_tokens: int = 0,
-                  offload_layers: int = 0) -> MemoryEstimate:
+                  offload_layers: int = 0) -> PeakEstimate:
     """Predicted peak device memory of one rollout of a (1, tokens) document with chunks of ``chunk`` tokens.
 
     ``keep_tokens`` > 0 (with ``keep_attention``): outputs kept for at most that many tokens.  ``fixed`` defaults
@@ -130,7 +133,7 @@ def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload:
         activation_per_token = activation_bytes_per_token(adapter)
     chunk = min(chunk, tokens)
     one_layer_kv = adapter.kv_bytes_per_token() // adapter.num_layers  # K and V of one layer per token
-    return MemoryEstimate(
+    return PeakEstimate(
         tokens=tokens, chunk=chunk, fixed=fixed,
         state=tokens * state_bytes_per_token(adapter, offload, offload_layers=offload_layers)
         + (min(keep_tokens or tokens, tokens) * kept_bytes_per_token(adapter) if keep_attention else 0),
@@ -138,7 +141,7 @@ def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload:
         transient=2 * tokens * one_layer_kv)  # one layer's prefix K/V copies and its prefix dK/dV
 
 
-def fit_advice(estimate: MemoryEstimate, capacity: int, offload: str, keep_attention: bool,
+def fit_advice(estimate: PeakEstimate, capacity: int, offload: str, keep_attention: bool,
                offload_layers: int = 0) -> str | None:
     """None if ``estimate`` fits ``capacity`` with 5% to spare, else what to change."""
     if estimate.total <= 0.95 * capacity:

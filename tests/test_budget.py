@@ -1,9 +1,9 @@
-"""The memory model used to check a document fits before its rollout (rollout_dist/engine/memory.py)."""
+"""The memory model used to check a document fits before its rollout (rollout_dist/engine/budget.py)."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rollout_dist.engine.memory import (GiB, MemoryEstimate, activation_bytes_per_token, estimate_peak, fit_advice,
+from rollout_dist.engine.budget import (GiB, PeakEstimate, activation_bytes_per_token, estimate_peak, fit_advice,
                                         pick_chunk_size, state_bytes_per_token)
 from rollout_dist.model import CausalLMAdapter
 from tests.helpers import tiny_model
@@ -51,7 +51,7 @@ def test_partly_kept_outputs_are_counted_for_the_kept_tokens_only():
 
 
 def test_kept_tokens_fitted_to_memory_are_whole_chunks_that_fit():
-    from rollout_dist.engine.memory import fit_keep_tokens
+    from rollout_dist.engine.budget import fit_keep_tokens
     adapter = _adapter(22, **TINYLLAMA)
     args = dict(fixed=int(8.2 * GiB), activation_per_token=1_988_272)
     T, chunk, cap = 1_048_576, 16384, 139 * GiB
@@ -67,7 +67,7 @@ def test_kept_tokens_fitted_to_memory_are_whole_chunks_that_fit():
 def test_partly_kept_outputs_take_what_the_model_predicts():
     """The outputs the fill pass keeps (before the backward pass consumes them) are the kept tokens' share."""
     from rollout_dist.engine.exact import ExactRollout
-    from rollout_dist.engine.memory import kept_bytes_per_token
+    from rollout_dist.engine.budget import kept_bytes_per_token
     model = tiny_model("llama", num_hidden_layers=2).float()  # fp32 outputs, fp32 log-sum-exp, as in bf16
     adapter = CausalLMAdapter(model)
     seen = []
@@ -125,7 +125,7 @@ def test_estimate_adds_up_and_advice_names_what_to_change():
     assert "rollout.keep_attention=false" in advice and "rollout.chunk_size=8192" in advice
     tiled = estimate_peak(adapter, 1_048_576, 16384, fixed=0, activation_per_token=0, vocab_tile=4096)
     assert tiled.chunk_activations == 16384 * 4096 * 12
-    assert isinstance(est, MemoryEstimate)
+    assert isinstance(est, PeakEstimate)
 
 
 def test_chunk_size_is_the_largest_that_fits():
