@@ -101,12 +101,16 @@ class ExactRollout(Rollout):
             if not state.in_backward:
                 with torch.no_grad():
                     for c in range(state.fill_chunks, n - 1):  # the last chunk's K/V are needed by no later chunk
-                        run_chunk(c, "fill")
-                        self.chunk_done(state, "fill", c, spans[c], hooks, progress, n - 1)
                         if stops_here(stop_at, state):
                             return False
+                        run_chunk(c, "fill")
+                        self.chunk_done(state, "fill", c, spans[c], hooks, progress, n - 1)
+                if stops_here(stop_at, state):
+                    return False
                 self.begin_backward(state, device)
             for c in range(n - 1 - state.backward_chunks, -1, -1):
+                if stops_here(stop_at, state):
+                    return False
                 s, e = spans[c]
                 with torch.enable_grad(), state.autograd_hooks():
                     hidden = run_chunk(c, "recompute")
@@ -114,8 +118,6 @@ class ExactRollout(Rollout):
                     backward(ce / normalizer)
                 state.loss_sum += ce.detach().to(torch.float64)
                 self.chunk_done(state, "backward", c, spans[c], hooks, progress, n)
-                if c > 0 and stops_here(stop_at, state):
-                    return False
         return True
 
     def fill(self, model: torch.nn.Module, input_ids: torch.Tensor, state: KVState, *,

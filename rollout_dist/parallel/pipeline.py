@@ -106,13 +106,15 @@ class PipelineRollout(Rollout):
             with adapter.chunk_attention():
                 with torch.no_grad():
                     for c in range(state.fill_chunks, n - 1):
+                        if stops_here(stop_at, state):
+                            return self.result(doc, state, False, adapter.has_head)
                         s, e = spans[c]
                         h = layers(c, stage_input(s, e, grad=False), "fill")
                         if not adapter.has_head:
                             p2p.send(h, lay.next_rank)
                         self.chunk_done(state, "fill", c, spans[c], hooks, progress, n - 1)
-                        if stops_here(stop_at, state):
-                            return self.result(doc, state, False, adapter.has_head)
+                if stops_here(stop_at, state):
+                    return self.result(doc, state, False, adapter.has_head)
                 self.begin_backward(state, device)
                 order = list(range(n - 1, -1, -1))
                 ahead = min(lay.pp - 1 - lay.stage, len(order))
