@@ -2,7 +2,7 @@
 
 Baseline (as ../shared/bench/baseline_hf_fullseq.py): HF LlamaForCausalLM, bf16, SDPA, gradient checkpointing,
 fused AdamW, one whole document per step.  Ours: the same model and optimizer, one step =
-``chunked_forward_backward`` + ``opt.step()``.  Each step is timed with synchronisation after a warm-up step;
+``ExactRollout.run`` (one rollout per variant, kept across steps) + ``opt.step()``.  Each step is timed with synchronisation after a warm-up step;
 the figure is the minimum over timed steps.  FLOPs = 6*N*T + 6*L*H*T^2 against a bf16 matmul peak measured
 in the same call.  One JSON line per measurement to stdout and $OUT/rollout_vs_hf.jsonl; a table last.
 
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from _probe import BackwardStopper, PeakTrace, ProbeDone  # noqa: E402
 
-from rollout_dist import chunked_forward_backward  # noqa: E402
+from rollout_dist import ExactRollout  # noqa: E402
 from rollout_dist.engine.budget import activation_bytes_per_token, estimate_peak, pending_gradient_bytes  # noqa: E402
 from rollout_dist.model import CausalLMAdapter  # noqa: E402
 
@@ -121,8 +121,19 @@ def parse_variant(variant: str) -> tuple[str, int, dict]:
     return f"rollout_dist[{spec}]", int(chunk), opts
 
 
+_ROLLOUTS: dict = {}
+
+
+def rollout_for(chunk, opts) -> ExactRollout:
+    """One rollout per variant, kept across steps as a training loop keeps it (its pinned host pool is reused)."""
+    key = (chunk, tuple(sorted(opts.items())))
+    if key not in _ROLLOUTS:
+        _ROLLOUTS[key] = ExactRollout(chunk, **opts)
+    return _ROLLOUTS[key]
+
+
 def ours_step(model, opt, ids, chunk, **opts):
-    loss = chunked_forward_backward(model, ids, chunk_size=chunk, **opts).loss
+    loss = rollout_for(chunk, opts).run(model, ids).loss
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
@@ -163,7 +174,7 @@ def probe_memory(model, opt, T, chunk, backward_chunks, opts, trace=False):
     rec["allocated_before_gib"] = round(torch.cuda.memory_allocated() / 2 ** 30, 2)
     try:
         with tracer:
-            chunked_forward_backward(model, ids, chunk_size=chunk, backward=stopper, **opts)
+            rollout_for(chunk, opts).run(model, ids, backward=stopper)
     except ProbeDone:
         rec.update(stopper.summary(), peak_mem_gib=_peak_gib())
         if trace:

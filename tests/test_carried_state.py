@@ -144,3 +144,24 @@ def test_fill_only_pass_over_a_kept_state_gives_hf_logits_and_cache(family, offl
     with pytest.raises(ValueError, match="more do not fit"):
         rollout.fill(model, ids, state)
     state.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="side-stream copies to pinned host memory need a CUDA GPU")
+@pytest.mark.parametrize("offload,layers", [("kv", 0), ("all", 0), ("all", 3)])
+def test_gpu_offloaded_state_dict_waits_for_its_copies(offload, layers):
+    """On the GPU the K/V reach the host on a side stream; ``state_dict`` must wait for them.  The fill pass is
+    deterministic, so at a fill boundary an offloaded state holds exactly the device state's bytes."""
+    model = tiny_model("llama", dtype=torch.float32, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                       num_key_value_heads=2, num_hidden_layers=5, max_position_embeddings=8192)
+    model = model.cuda().to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 4000), generator=torch.Generator().manual_seed(34)).cuda()
+    dicts = []
+    for kw in ({}, {"offload": offload, "offload_layers": layers}):
+        rollout = ExactRollout(512, attention="cudnn", **kw)
+        state = rollout.new_state(model, 1, 4000)
+        rollout.run(model, ids, state=state, stream=KEY, stop_at=Boundary("fill", 7))
+        dicts.append(state.state_dict())
+        state.close()
+    assert dicts[0].keys() == dicts[1].keys() and int(dicts[0]["position"]) == 3584
+    assert all(torch.equal(dicts[1][k], v) for k, v in dicts[0].items())

@@ -81,19 +81,22 @@ class HostPool:
     registered with cudaHostRegister instead of coming from PyTorch's pinned allocator, which rounds every request
     up to a power of two (up to 2x the host memory at these sizes).  A buffer comes back to the pool when its
     user is done (``give``); when no free buffer is large enough, smaller free ones are released first, so what
-    the pool holds stays near the largest document's need.
+    the pool holds stays near the largest document's need.  A pool belongs to its user (a rollout); when it is
+    collected (after every buffer came back: a ring keeps its pool alive) its buffers are unregistered, since memory
+    freed while still registered makes a later registration of the same addresses fail.
     """
 
     def __init__(self):
-        self._free: list[torch.Tensor] = []  # flat uint8 buffers, registered when pinned
-        self._pinned: dict[int, bool] = {}
+        self._free: list[torch.Tensor] = []  # flat uint8 buffers, registered when pinned (mutated in place: the
+        self._pinned: dict[int, bool] = {}  # finalizer holds these two)
         self.allocated = 0  # buffers allocated so far (tests check reuse)
+        self._finalizer = weakref.finalize(self, _release_all, self._free, self._pinned)
 
     def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
         fitting = [b for b in self._free if b.numel() >= nbytes and self._pinned[b.data_ptr()] == pinned]
         if fitting:
             buf = min(fitting, key=torch.Tensor.numel)
-            self._free = [b for b in self._free if b is not buf]
+            self._remove(buf)
             return buf
         for small in [b for b in self._free if b.numel() < nbytes]:
             self._release(small)
@@ -115,10 +118,27 @@ class HostPool:
     def give(self, buffers: list[torch.Tensor]) -> None:
         self._free.extend(buffers)
 
+    def _remove(self, buf: torch.Tensor) -> None:
+        self._free[:] = [b for b in self._free if b is not buf]
+
     def _release(self, buf: torch.Tensor) -> None:
-        self._free = [b for b in self._free if b is not buf]
-        if self._pinned.pop(buf.data_ptr()):
-            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        self._remove(buf)
+        _unregister(buf, self._pinned)
+
+    def close(self) -> None:
+        """Releases every free buffer now (the pool stays usable)."""
+        _release_all(self._free, self._pinned)
+
+
+def _unregister(buf: torch.Tensor, pinned: dict[int, bool]) -> None:
+    if pinned.pop(buf.data_ptr(), False):
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+
+
+def _release_all(free: list[torch.Tensor], pinned: dict[int, bool]) -> None:
+    for buf in free:
+        _unregister(buf, pinned)
+    free.clear()
 
 
 

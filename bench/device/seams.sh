@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 12 [seams] on one H200 (< 10 min). Carry .whl/ (../shared/device/make-wheels.sh, plus an xxhash wheel for
+# Python 3.12) and .old/ (the engine before the seams: `git archive 145fefc rollout_dist bench | tar -x -C .old`).
+#   bash bench/device/seams.sh [VARIANTS...]   (default: cudnn+keep:16384 cudnn+kv:16384)
+# 1. every GPU test (split attention, bf16 exactness, offload, carried state on CUDA streams);
+# 2. the 131K TinyLlama step before and after the seams (keyed random streams enter a scope per layer and chunk,
+#    the kernel and host pool belong to the rollout), same call, same GPU, two variants each.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl || exit 1
+export TORCH_CUDA_ARCH_LIST=9.0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+ROOT=$PWD
+PYTHONPATH=/tmp/site:$ROOT python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_split_attention.py tests/test_exact.py tests/test_offload.py \
+  tests/test_carried_state.py tests/test_budget.py 2>&1 | tee "$OUT/gpu_tests.log" \
+  | tail -8
+VARIANTS="${*:-cudnn+keep:16384 cudnn+kv:16384}"
+for tree in old new; do
+  dir=$ROOT; [ $tree = old ] && dir=$ROOT/.old
+  (cd "$dir" && OUT=$OUT PYTHONPATH=/tmp/site:$dir python3 bench/rollout_vs_hf.py --hf --ours 131072 --steps 2 \
+     --budget 150 --variants $VARIANTS 2>&1 | grep '^{' | sed "s/^{/{\"tree\": \"$tree\", /" >> "$OUT/seams_speed.jsonl")
+done
+python3 - "$OUT/seams_speed.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"{'tree':5} {'variant':28} {'T':>7} {'step_s':>7} {'tok/s':>8} {'peak GiB':>8}")
+for r in rows:
+    if "tok_s" in r:
+        print(f"{r['tree']:5} {r.get('variant', r.get('system')):28} {r['T']:>7} {r['step_s']:>7} {r['tok_s']:>8} "
+              f"{r['peak_mem_gib']:>8}")
+PY
