@@ -24,6 +24,8 @@ weighs 1).  Sentence and heading_body boundaries (inside a block) get 0.
 """
 from __future__ import annotations
 
+import functools
+
 import re
 from dataclasses import dataclass
 
@@ -258,18 +260,19 @@ def topic_shifts(seg: Segmentation, bag: TermBag) -> np.ndarray:
 
 _HASH_BLOCK = 1 << 20
 _HASH_P = 0x9E3779B97F4A7C15  # odd, so it has an inverse modulo 2**64
-_HASH_TABLES: list = []
-
-
+@functools.cache
 def _hash_tables() -> tuple[np.ndarray, np.ndarray]:
-    """P**j and P**-j modulo 2**64 for j < _HASH_BLOCK (numpy's uint64 products wrap modulo 2**64)."""
-    if not _HASH_TABLES:
-        with np.errstate(over="ignore"):
-            for base in (_HASH_P, pow(_HASH_P, -1, 1 << 64)):
-                table = np.full(_HASH_BLOCK, base, dtype=np.uint64)
-                table[0] = 1
-                _HASH_TABLES.append(np.cumprod(table, dtype=np.uint64))
-    return _HASH_TABLES[0], _HASH_TABLES[1]
+    """P**j and P**-j modulo 2**64 for j < _HASH_BLOCK (numpy's uint64 products wrap modulo 2**64): constants,
+    computed once on first use (read-only)."""
+    tables = []
+    with np.errstate(over="ignore"):
+        for base in (_HASH_P, pow(_HASH_P, -1, 1 << 64)):
+            table = np.full(_HASH_BLOCK, base, dtype=np.uint64)
+            table[0] = 1
+            table = np.cumprod(table, dtype=np.uint64)
+            table.flags.writeable = False
+            tables.append(table)
+    return tables[0], tables[1]
 
 
 def _word_hashes(letters: bytes, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
