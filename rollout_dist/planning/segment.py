@@ -25,7 +25,6 @@ weighs 1).  Sentence and heading_body boundaries (inside a block) get 0.
 from __future__ import annotations
 
 import functools
-
 import re
 from dataclasses import dataclass
 
