@@ -16,8 +16,7 @@ from ..model import CausalLMAdapter, KVState
 from ..model.carried_state import Boundary
 from ..model.offload import OFFLOAD_MODES, HostPool
 from .loss import head_cross_entropy_sum
-from .rollout import (BackwardFn, ChunkHook, ProgressFn, Rollout, RolloutResult, check_token_ids, fixed_spans,
-                      stops_here)
+from .rollout import BackwardFn, ChunkHook, ProgressFn, Rollout, RolloutResult, fixed_spans, stops_here
 from .streams import StreamKey
 
 
@@ -126,24 +125,7 @@ class ExactRollout(Rollout):
         position, in chunks of ``chunk_size``; their K/V are appended to ``state``.  Returns the last chunk's
         logits (B, c, vocab)."""
         adapter = CausalLMAdapter(model)
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0; got shape {tuple(input_ids.shape)}")
-        if state.in_backward:
-            raise ValueError("the state is in the backward pass of a training rollout; fill continues only a state "
-                             "in its forward (fill) phase")
-        start, batch = state.filled, input_ids.shape[0]
-        end = start + input_ids.shape[1]
-        if end > state.capacity or batch != state.batch:
-            raise ValueError(f"the state holds {state.batch} x {state.capacity} tokens with {start} filled; "
-                             f"{batch} x {input_ids.shape[1]} more do not fit")
-        check_token_ids(input_ids, adapter.vocab_size)
-        input_ids = input_ids.to(adapter.device)
-        if stream is None:
-            stream = StreamKey(*state.stream_key) if state.stream_key is not None else StreamKey(seed=0)
-        state.stream_key = (stream.seed, stream.step, stream.document)
-        if state.position_ids is not None:  # a loaded state: extend its recorded positions
-            fresh = torch.arange(start, end, dtype=torch.int64)[None].expand(batch, -1)
-            state.position_ids = torch.cat([state.position_ids[:, :start].cpu(), fresh], dim=1)
+        input_ids, start, end, stream = self.begin_fill(adapter, input_ids, state, stream)
         hidden = None
         with adapter.chunk_attention(), torch.no_grad():
             for s, e in fixed_spans(end, self.chunk_size, start):

@@ -217,6 +217,30 @@ class Rollout(ABC):
         return state, own, stream
 
     @staticmethod
+    def begin_fill(adapter: CausalLMAdapter, input_ids: torch.Tensor, state: CarriedState,
+                   stream: StreamKey | None) -> tuple[torch.Tensor, int, int, StreamKey]:
+        """Checks a fill-only call: the tokens continue the state at its position and fit it.  Returns the tokens
+        on the model's device, their [start, end) in the document, and the stream (the state's by default)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0; got shape {tuple(input_ids.shape)}")
+        if state.in_backward:
+            raise ValueError("the state is in the backward pass of a training rollout; fill continues only a state "
+                             "in its forward (fill) phase")
+        start, batch = state.filled, input_ids.shape[0]
+        end = start + input_ids.shape[1]
+        if end > state.capacity or batch != state.batch:
+            raise ValueError(f"the state holds {state.batch} x {state.capacity} tokens with {start} filled; "
+                             f"{batch} x {input_ids.shape[1]} more do not fit")
+        check_token_ids(input_ids, adapter.vocab_size)
+        if stream is None:
+            stream = StreamKey(*state.stream_key) if state.stream_key is not None else StreamKey(seed=0)
+        state.stream_key = (stream.seed, stream.step, stream.document)
+        if state.position_ids is not None:  # a loaded state: extend its recorded positions
+            fresh = torch.arange(start, end, dtype=torch.int64)[None].expand(batch, -1)
+            state.position_ids = torch.cat([state.position_ids[:, :start].cpu(), fresh], dim=1)
+        return input_ids.to(adapter.device), start, end, stream
+
+    @staticmethod
     def begin_backward(state: CarriedState, device: torch.device) -> None:
         if not state.in_backward:
             state.in_backward, state.backward_chunks, state.grad_end = True, 0, state.filled

@@ -17,8 +17,7 @@ from typing import Sequence
 import torch
 
 from ..engine.loss import head_cross_entropy_sum
-from ..engine.rollout import (BackwardFn, ChunkHook, ProgressFn, Rollout, RolloutResult, check_token_ids,
-                              fixed_spans, stops_here)
+from ..engine.rollout import BackwardFn, ChunkHook, ProgressFn, Rollout, RolloutResult, fixed_spans, stops_here
 from ..engine.streams import StreamKey
 from ..model import CausalLMAdapter, KVState
 from ..model.carried_state import Boundary
@@ -136,18 +135,8 @@ class PipelineRollout(Rollout):
         """This stage's part of ``Rollout.fill``: every stage is called with the same ``input_ids``; hidden
         states stream through the stages; the last stage returns the last chunk's logits, the others None."""
         adapter = CausalLMAdapter(model)
-        if state.in_backward:
-            raise ValueError("fill continues only a state in its forward (fill) phase")
-        start, batch = state.filled, input_ids.shape[0]
-        end = start + input_ids.shape[1]
-        if end > state.capacity or batch != state.batch:
-            raise ValueError(f"the state holds {state.batch} x {state.capacity} tokens with {start} filled; "
-                             f"{batch} x {input_ids.shape[1]} more do not fit")
-        check_token_ids(input_ids, adapter.vocab_size)
-        input_ids, device, lay, p2p = input_ids.to(adapter.device), adapter.device, self.layout, P2P()
-        if stream is None:
-            stream = StreamKey(*state.stream_key) if state.stream_key is not None else StreamKey(seed=0)
-        state.stream_key = (stream.seed, stream.step, stream.document)
+        input_ids, start, end, stream = self.begin_fill(adapter, input_ids, state, stream)
+        batch, device, lay, p2p = input_ids.shape[0], adapter.device, self.layout, P2P()
         h = None
         with adapter.chunk_attention(), torch.no_grad():
             for s, e in fixed_spans(end, self.chunk_size, start):

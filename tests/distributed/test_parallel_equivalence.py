@@ -75,6 +75,29 @@ def test_parallel_layout_trains_like_one_process(tmp_path, docs, reference, name
         assert err <= 1e-6, f"{name}: {key} differs by {err:.2e}"
 
 
+@pytest.fixture(scope="module")
+def reference_dropout(tmp_path_factory, docs):
+    return train(tmp_path_factory.mktemp("ref_dropout") / "run", docs, 1, "trainer.grad_accum=2",
+                 "model.attention_dropout=0.2")
+
+
+@pytest.mark.parametrize("name,nproc,overrides", [
+    ("pp2", 2, ["parallel.pp=2", "trainer.grad_accum=2"]),
+    ("dp2", 2, ["parallel.pp=1", "trainer.grad_accum=1", "data.balance=false"]),
+])
+def test_dropout_masks_are_keyed_by_position_not_by_layout(tmp_path, docs, reference, reference_dropout, name,
+                                                           nproc, overrides):
+    """With dropout on, a pipeline split and data-parallel replicas draw the masks one process draws: each layer
+    of each chunk draws from the stream of (seed, step, document, chunk, layer)."""
+    ref_summary, ref_weights, _ = reference_dropout
+    assert ref_summary["losses"] != reference[0]["losses"]  # dropout was on
+    summary, weights, _ = train(tmp_path / name, docs, nproc, *overrides, "model.attention_dropout=0.2")
+    assert summary["losses"] == pytest.approx(ref_summary["losses"], rel=1e-6)
+    for key, ref in ref_weights.items():
+        err = ((weights[key].double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err <= 1e-6, f"{name}: {key} differs by {err:.2e}"
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI installed (mpirun not found)")
 def test_openmpi_launch_discovers_ranks_through_mpi4py(tmp_path, docs, reference):
     ref_summary, ref_weights, _ = reference
