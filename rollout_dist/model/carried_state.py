@@ -52,7 +52,29 @@ class Boundary:
 
 
 class CarriedState(ABC):
-    """State carried across the chunks of one document (batch); see the module docstring for its layout."""
+    """State carried across the chunks of one document (batch); see the module docstring for its layout.
+
+    Besides the methods below, a rollout reads and advances these attributes (its bookkeeping of where the
+    document stands, which ``boundary`` and ``state_dict`` report and ``load_state_dict`` restores)."""
+
+    filled: int  # tokens whose forward state is held
+    fill_chunks: int  # chunks run by the fill pass
+    backward_chunks: int  # chunks run backward
+    in_backward: bool
+    grad_end: int  # backward phase: what later chunks handed back is live on [0, grad_end)
+    loss_sum: torch.Tensor | None  # float64 on the device: token losses of the chunks run backward
+    stream_key: tuple[int, int, int] | None  # the document's random-stream key (seed, step, document)
+    position_ids: torch.Tensor | None  # (B, >= filled) positions the tokens ran at; None: 0, 1, 2, ...
+
+    @property
+    @abstractmethod
+    def batch(self) -> int:
+        """Rows (documents run side by side)."""
+
+    @property
+    @abstractmethod
+    def grads_allocated(self) -> bool:
+        """Whether ``allocate_grads`` ran (a backward pass can start)."""
 
     @property
     @abstractmethod
