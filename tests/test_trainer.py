@@ -15,7 +15,8 @@ from tests.helpers import grads_of, worst_rel_error
 
 
 def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk=7, texts=None, checkpoint_every=0,
-                 resume=False, offload="none", keep_attention=False, **trainer_kw):
+                 resume=False, offload="none", keep_attention=False, step_hooks=(), attention_dropout=0.0,
+                 **trainer_kw):
     data_dir = tmp_path / "docs"
     data_dir.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(texts or ["The first document, somewhat longer than the second one is.",
@@ -23,14 +24,14 @@ def make_trainer(tmp_path, *, dtype="float32", zero_stage=0, grad_accum=2, chunk
         (data_dir / f"{i}.txt").write_text(text)
     cfg = TrainConfig(
         model=ModelConfig(dtype=dtype, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                          num_kv_heads=2),
+                          num_kv_heads=2, attention_dropout=attention_dropout),
         data=DataConfig(path=str(data_dir), shuffle=False),
         rollout=RolloutConfig(chunk_size=chunk, offload=offload, keep_attention=keep_attention),
         trainer=TrainerConfig(max_steps=trainer_kw.pop("max_steps", 2), grad_accum=grad_accum,
                               zero_stage=zero_stage, device="cpu",
                               warmup_steps=0, tensorboard=False, **trainer_kw),
         checkpoint=CheckpointConfig(dir=str(tmp_path / "run"), every=checkpoint_every, resume=resume))
-    return Trainer(cfg)
+    return Trainer(cfg, step_hooks=step_hooks)
 
 
 def hf_window_grads(model, docs):
@@ -201,7 +202,7 @@ def test_resume_from_a_training_checkpoint_continues_the_same_run(tmp_path):
     first.setup()  # the same run, "killed" after its checkpoint at step 2
     for _ in range(2):
         first.history.append(first.train_step())
-    first._save_checkpoint()
+    first.save_checkpoint()
     assert (tmp_path / "b" / "run" / "checkpoints" / "latest").read_text().strip() == "step00000002"
     resumed = make_trainer(tmp_path / "b", grad_accum=1, max_steps=4, checkpoint_every=2, resume=True)
     hist = resumed.fit()
@@ -232,7 +233,7 @@ def test_host_memory_check_counts_the_offloaded_optimizer(tmp_path, monkeypatch)
 
     def check(nbytes, what, available=None):
         seen.append((nbytes, what))
-    monkeypatch.setattr("rollout_dist.trainer.check_host_memory", check)
+    monkeypatch.setattr("rollout_dist.train.planner.check_host_memory", check)
     trainer = make_trainer(tmp_path / "a", zero_stage=1, offload_optimizer="cpu", offload="kv",
                            dtype="bfloat16", optimizer_dtype="bf16")
     n = sum(p.numel() for p in trainer.model.parameters())
@@ -252,9 +253,9 @@ def test_memory_check_warns_with_what_to_change(tmp_path, caplog):
     def ours(level):
         return [r.getMessage() for r in caplog.records if r.name.startswith("rollout_dist") and r.levelname == level]
     with caplog.at_level("INFO", logger="rollout_dist"):
-        trainer._check_memory(capacity=1 << 40)
+        trainer.memory.check(capacity=1 << 40)
         assert any("predicted peak for the longest document" in m for m in ours("INFO")) and not ours("WARNING")
-        trainer._check_memory(capacity=1 << 16)
+        trainer.memory.check(capacity=1 << 16)
     warning = ours("WARNING")
     assert warning and "rollout.offload=kv" in warning[-1] and "rollout.chunk_size" not in warning[-1]
 
@@ -262,27 +263,27 @@ def test_memory_check_warns_with_what_to_change(tmp_path, caplog):
 def test_kept_outputs_are_sized_to_memory(tmp_path, caplog):
     """keep_attention with keep_attention_tokens=0: all of them when they fit, the last whole chunks' when only
     some do (the run then trains with them), none (and a warning) when there is no room."""
-    from rollout_dist.engine.memory import estimate_peak
+    from rollout_dist.engine.budget import estimate_peak
     from rollout_dist.model import CausalLMAdapter
     trainer = make_trainer(tmp_path, chunk=4, keep_attention=True, texts=["x" * 60, "y" * 30])
     trainer.setup()
-    longest, adapter = trainer.longest_doc, CausalLMAdapter(trainer.engine.module)
+    longest, adapter, memory = trainer.longest_doc, CausalLMAdapter(trainer.engine.module), trainer.memory
     # before the first backward the fixed part counts the gradients it will create (0 allocated on CPU)
-    assert trainer._fixed_bytes() == sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    assert memory.fixed_bytes() == sum(p.numel() * p.element_size() for p in trainer.model.parameters())
 
     def peak(keep, keep_tokens=0):
         return estimate_peak(adapter, longest, 4, keep_attention=keep, keep_tokens=keep_tokens,
-                             activation_per_token=trainer._activation_per_token, fixed=trainer._fixed_bytes()).total
-    trainer._fit_kept_outputs(capacity=1 << 40)
+                             activation_per_token=memory.activation_per_token, fixed=memory.fixed_bytes()).total
+    trainer.memory.fit_kept_outputs(capacity=1 << 40)
     assert trainer.rollout.keep_attention and trainer.rollout.keep_tokens == 0
     half = int((peak(False) + peak(True)) / 2 / 0.9)  # room for about half of the document's kept outputs
-    trainer._fit_kept_outputs(capacity=half)
+    trainer.memory.fit_kept_outputs(capacity=half)
     keep = trainer.rollout.keep_tokens
     assert 0 < keep < longest and keep % 4 == 0, keep
     assert peak(True, keep) <= 0.9 * half < peak(True, keep + 4)
     trainer.fit()
     with caplog.at_level("WARNING", logger="rollout_dist"):
-        trainer._fit_kept_outputs(capacity=1 << 10)
+        trainer.memory.fit_kept_outputs(capacity=1 << 10)
     assert not trainer.rollout.keep_attention and "no room for kept attention outputs" in caplog.text
 
 
@@ -291,9 +292,9 @@ def test_chunk_size_zero_is_picked_from_memory(tmp_path):
     trainer.setup()
     assert trainer.rollout.chunk_size == 512  # CPU: no GPU memory to size it by
     longest = max(len(d.input_ids) for d in trainer.docs)
-    trainer._pick_chunk_size(capacity=1 << 40)  # plenty: the whole document in one chunk
+    trainer.memory.pick_chunk_size(capacity=1 << 40)  # plenty: the whole document in one chunk
     assert trainer.rollout.chunk_size == longest
-    trainer._pick_chunk_size(capacity=1 << 10)  # nothing fits: the smallest candidate, capped by the document
+    trainer.memory.pick_chunk_size(capacity=1 << 10)  # nothing fits: the smallest candidate, capped by the document
     assert trainer.rollout.chunk_size == min(128, longest)
     trainer.fit()  # trains with the picked size
 
@@ -308,10 +309,47 @@ def test_long_documents_report_chunk_progress(tmp_path, monkeypatch):
             kwargs["progress"] = lambda *a: (calls.append(a), progress(*a))
         return real(self, *args, **kwargs)
     monkeypatch.setattr(ExactRollout, "run", run)
-    monkeypatch.setattr("rollout_dist.trainer.CHUNK_BAR_MIN", 4)
+    monkeypatch.setattr("rollout_dist.train.metrics.CHUNK_BAR_MIN", 4)
     trainer = make_trainer(tmp_path, chunk=7, grad_accum=1, max_steps=1)
     trainer.fit()
     chunks = -(-len(trainer.docs[0].input_ids) // 7)
     assert chunks >= 4
     assert [c for c in calls if c[0] == "fill"][-1] == ("fill", chunks - 1, chunks - 1)
     assert [c for c in calls if c[0] == "backward"][-1] == ("backward", chunks, chunks)
+
+
+def test_step_hooks_see_every_step_and_chunk_hooks_every_chunk_in_order(tmp_path):
+    """The seam for what runs beside the loop: a step hook gets every step's stats, a chunk hook every chunk of
+    every document of every step, in the order they run, each keyed (seed, step, document) as the rollout's
+    random stream is (0-based step, the document's index in the corpus)."""
+    steps, events = [], []
+    trainer = make_trainer(tmp_path, grad_accum=2, max_steps=2, chunk=16, seed=5, step_hooks=[steps.append])
+    trainer.chunk_hooks.append(lambda e: events.append((e.state.stream_key, e.phase, e.chunk, e.start, e.end)))
+    history = trainer.fit()
+    assert steps == history and [s.step for s in steps] == [1, 2]
+    expected = []
+    for step in range(2):
+        for index, doc in enumerate(trainer.docs):  # no shuffle: both documents, in order, every step
+            spans = trainer.rollout.spans(len(doc.input_ids))
+            key = (5, step, index)
+            expected += [(key, "fill", c, *spans[c]) for c in range(len(spans) - 1)]
+            expected += [(key, "backward", c, *spans[c]) for c in reversed(range(len(spans)))]
+    assert len(spans) >= 2 and events == expected
+    assert sum(s.chunks for s in history) == sum(1 for e in events if e[1] == "backward")
+
+
+def test_dropout_masks_follow_step_and_document_not_the_torch_generator(tmp_path):
+    """Each document draws from the stream of (seed, step, document): reseeding torch's generators between steps
+    (as a resumed run's restored or an extra draw would) changes nothing, while dropout does change the loss."""
+    def losses(name, dropout, reseed):
+        trainer = make_trainer(tmp_path / name, max_steps=2, attention_dropout=dropout)
+        trainer.setup()
+        out = []
+        for _ in range(2):
+            if reseed:
+                torch.manual_seed(1234 + trainer.step)
+            out.append(trainer.train_step().loss)
+        return out
+    plain = losses("plain", 0.3, reseed=False)
+    assert losses("reseeded", 0.3, reseed=True) == plain
+    assert losses("no_dropout", 0.0, reseed=False) != pytest.approx(plain, rel=1e-3)

@@ -1,0 +1,68 @@
+"""The end of a run: the final model as an HF directory (``<run_dir>/final``, with the tokenizer) and
+``summary.json``, both written by global rank 0 once every rank is done.
+
+With pipeline stages each rank holds only its stage's layers: the stages of replica 0 send theirs to rank 0,
+which loads them into a freshly built full model (on the CPU) before saving it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..model import stage_state_dict
+from ..model.build import build_model
+from .context import RunContext
+from .metrics import StepStats
+
+log = logging.getLogger("rollout_dist")
+
+
+def gather_full_state(module: torch.nn.Module, context: RunContext) -> dict | None:
+    """The whole model's state dict on global rank 0 when the model is split over pipeline stages (the stages
+    of replica 0 send theirs); None elsewhere, and None with one stage (the module is the whole model)."""
+    layout = context.layout
+    if layout.pp == 1:
+        return None
+    shards = [None] * layout.pp if context.is_main else None
+    if layout.dp_rank == 0:
+        torch.distributed.gather_object(stage_state_dict(module), shards, dst=0, group=layout.pipeline_group())
+    if not context.is_main:
+        return None
+    return {k: v for shard in shards for k, v in shard.items()}
+
+
+def summarize(history: list[StepStats]) -> dict:
+    """The run in figures: steps, first and last loss, every step's loss, tokens, seconds, peak memory."""
+    return {"steps": len(history), "first_loss": history[0].loss, "last_loss": history[-1].loss,
+            "losses": [s.loss for s in history],
+            "tokens": sum(s.tokens for s in history), "seconds": sum(s.seconds for s in history),
+            "peak_mem_gib": max(s.peak_mem_gib for s in history)}
+
+
+def export_final(cfg: TrainConfig, run_dir: Path, module: torch.nn.Module, tokenizer, history: list[StepStats],
+                 context: RunContext) -> dict | None:
+    """Writes ``final/`` (if checkpoint.save_final) and ``summary.json``; collective, every rank calls it.
+    Returns the summary on rank 0, None elsewhere."""
+    context.barrier()
+    full_state = gather_full_state(module, context) if cfg.checkpoint.save_final else None
+    if not context.is_main:
+        return None
+    summary = summarize(history)
+    if cfg.checkpoint.save_final:
+        final = run_dir / "final"
+        model = module
+        if full_state is not None:
+            model, _ = build_model(cfg.model, torch.device("cpu"))
+            model.load_state_dict(full_state, strict=True)
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        summary["final_model"] = str(final)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("done: %d steps, loss %.4f -> %.4f; %s", summary["steps"], summary["first_loss"],
+             summary["last_loss"], f"model saved to {summary['final_model']}" if "final_model" in summary
+             else "final model not saved (checkpoint.save_final=false)")
+    return summary

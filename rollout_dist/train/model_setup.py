@@ -1,0 +1,37 @@
+"""The model a run trains: built with the refusals that must come before anything is written, and trimmed to
+this rank's pipeline stage once the layout is known."""
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError, ParallelConfig, TrainConfig
+from ..model import stage_layer_counts, trim_to_stage
+from ..model.build import build_model
+from ..parallel import RankLayout
+
+
+def build_trainable_model(cfg: TrainConfig, device: torch.device):
+    """(model, tokenizer) for training, refusing what DeepSpeed cannot train (float64 gradients) or what the
+    config contradicts (bf16 optimizer states of a non-bf16 model) with the key to change."""
+    if cfg.model.dtype == "float64":
+        raise ConfigError("model.dtype=float64 is for the API's exactness checks; DeepSpeed does not reduce "
+                          "float64 gradients, so train in float32 or bfloat16")
+    model, tokenizer = build_model(cfg.model, device)
+    if cfg.trainer.optimizer_dtype == "bf16" and model.dtype != torch.bfloat16:
+        raise ConfigError(f"trainer.optimizer_dtype=bf16 needs a bf16 model; model.dtype gives "
+                          f"{str(model.dtype).replace('torch.', '')} on {device}: set "
+                          "model.dtype=bfloat16 or trainer.optimizer_dtype=fp32")
+    return model, tokenizer
+
+
+def trim_to_this_stage(model: torch.nn.Module, parallel: ParallelConfig, layout: RankLayout,
+                       longest_doc: int) -> list[int]:
+    """Keeps only this rank's stage of ``model`` (in place); returns the decoder layers of every stage, balanced
+    by training FLOPs at the longest document's length unless parallel.stage_layers gives them.  A split the
+    model does not allow is a ``ConfigError``."""
+    try:
+        counts = stage_layer_counts(model, layout.pp, parallel.stage_layers, tokens=longest_doc)
+        trim_to_stage(model, layout.stage, counts)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return counts

@@ -1,0 +1,159 @@
+"""What fits where, for one run's rollout: host memory checked up front, chunk size and kept attention outputs
+sized from GPU memory, and the predicted peak logged with what to change if it does not fit.
+
+The byte counts are engine/budget.py's (GPU) and model/offload.py's (host); this module decides with them.
+Every rank takes the smallest of all ranks' picks (``RunContext.smallest_over_ranks``), so that all stages and
+replicas cut documents alike.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from ..config import ConfigError, TrainConfig
+from ..engine import Rollout
+from ..engine.budget import (PeakEstimate, activation_bytes_per_token, estimate_peak, fit_advice, fit_keep_tokens,
+                             pending_gradient_bytes, pick_chunk_size)
+from ..model import CausalLMAdapter
+from ..model.offload import check_host_memory, host_bytes_needed, offloaded_layers
+from .context import RunContext
+from .data_pipeline import DataPipeline
+
+log = logging.getLogger("rollout_dist")
+
+
+def check_host_fits(cfg: TrainConfig, model: torch.nn.Module, longest_doc: int) -> None:
+    """Refuses up front, with the figures, a run whose offloaded K/V (longest document) and ZeRO-Offload
+    optimizer (16 bytes per parameter in fp32, 8 in bf16, split over the data-parallel ranks) would not fit
+    the host memory available now: otherwise the kernel kills the job mid-step, after the fill pass.
+
+    Runs at construction, before the process group exists, so the sizes come from the launcher's environment."""
+    parts = []
+    if cfg.rollout.offload != "none":
+        ad = CausalLMAdapter(model)
+        layers = offloaded_layers(ad.num_layers, cfg.rollout.offload_layers)
+        need = host_bytes_needed(cfg.rollout.offload, layers, longest_doc, ad.kv_heads, ad.head_dim, ad.dtype)
+        parts.append((need, f"rollout.offload={cfg.rollout.offload} of {layers} layers for the longest "
+                            f"document ({longest_doc} tokens)"))
+    if cfg.trainer.offload_optimizer == "cpu":
+        per_param = 8 if cfg.trainer.optimizer_dtype == "bf16" else 16
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        par = cfg.parallel
+        dp = par.dp or max(1, int(os.environ.get("WORLD_SIZE", "1")) // par.pp)  # ZeRO splits it over dp
+        parts.append((n * per_param // dp, f"trainer.offload_optimizer=cpu ({per_param} bytes per parameter, "
+                                           f"{cfg.trainer.optimizer_dtype})"))
+    if not parts:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every process of this node offloads its own
+    what = " + ".join(f"{w} {b / 2**30:.1f} GiB" for b, w in parts)
+    try:
+        check_host_memory(sum(b for b, _ in parts) * local,
+                          what + (f", {local} processes on this node" if local > 1 else ""))
+    except MemoryError as err:
+        raise ConfigError(str(err)) from None
+
+
+class MemoryPlanner:
+    """Sizes ``rollout`` (its ``chunk_size``, ``keep_attention`` and ``keep_tokens``, changed in place) to the
+    GPU memory of this rank for the longest document, and predicts that document's peak.
+
+    ``module`` is the engine's model (this stage's layers); ``capacity`` arguments override the GPU's memory
+    (tests, and runs that leave room for something else)."""
+
+    def __init__(self, cfg: TrainConfig, rollout: Rollout, module: torch.nn.Module, data: DataPipeline,
+                 context: RunContext):
+        self.cfg, self.rollout, self.module, self.data, self.context = cfg, rollout, module, data, context
+        self.device = context.device
+
+    def plan(self) -> None:
+        """What set-up decides: the chunk size when ``rollout.chunk_size=0`` (and no chunk index plans the
+        chunks), then on a GPU how many attention outputs to keep."""
+        if self.cfg.rollout.chunk_size == 0 and not self.data.planned_spans:
+            self.pick_chunk_size()
+        if self.device.type == "cuda":
+            self.fit_kept_outputs()
+
+    @functools.cached_property
+    def activation_per_token(self) -> int:
+        """Bytes autograd keeps per chunk token (engine/budget.py), counted once per run."""
+        return activation_bytes_per_token(CausalLMAdapter(self.module))
+
+    def fixed_bytes(self) -> int:
+        """Device bytes that do not grow with the document: what is allocated now, plus the gradients the first
+        backward creates (ZeRO 0 and 1 keep every parameter's in the model dtype; ZeRO 2 partitions them into
+        buffers that exist already)."""
+        now = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        if self.cfg.trainer.zero_stage >= 2:
+            return now
+        return now + pending_gradient_bytes(self.module)
+
+    def _capacity(self, capacity: int | None) -> int:
+        return torch.cuda.get_device_properties(self.device).total_memory if capacity is None else capacity
+
+    def _budget_args(self) -> dict:
+        """What every budget.py call of this run shares."""
+        ro = self.cfg.rollout
+        return dict(offload=ro.offload, vocab_tile=ro.vocab_tile, activation_per_token=self.activation_per_token,
+                    offload_layers=ro.offload_layers, fixed=self.fixed_bytes())
+
+    def pick_chunk_size(self, capacity: int | None = None) -> None:
+        """rollout.chunk_size=0: the largest chunk whose predicted peak for the longest document fits the GPU."""
+        if self.device.type != "cuda" and capacity is None:
+            log.info("rollout.chunk_size=0 on CPU: chunks of %d tokens", self.rollout.chunk_size)
+            return
+        ro = self.cfg.rollout
+        capacity = self._capacity(capacity)
+        longest = self.data.longest_doc
+        # kept outputs are counted only when their amount is fixed; otherwise they get what the chunk leaves
+        chunk = pick_chunk_size(CausalLMAdapter(self.module), longest, capacity,
+                                keep_attention=ro.keep_attention and ro.keep_attention_tokens > 0,
+                                keep_tokens=ro.keep_attention_tokens, **self._budget_args())
+        chunk = self.context.smallest_over_ranks(chunk)
+        self.rollout.chunk_size = chunk
+        log.info("rollout.chunk_size=0: chunks of %d tokens, the largest predicted to fit %.1f GiB for the "
+                 "longest document (%d tokens)", chunk, capacity / 2 ** 30, longest)
+
+    def fit_kept_outputs(self, capacity: int | None = None) -> None:
+        """rollout.keep_attention with keep_attention_tokens=0: every chunk's outputs if the longest document is
+        predicted to fit with them, else those of as many last chunks as fit (none: keep_attention is dropped)."""
+        ro = self.cfg.rollout
+        if not ro.keep_attention or ro.keep_attention_tokens:
+            return
+        capacity = self._capacity(capacity)
+        longest = self.data.longest_doc
+        keep = self.context.smallest_over_ranks(fit_keep_tokens(
+            CausalLMAdapter(self.module), longest, self.data.largest_chunk(self.rollout.chunk_size), capacity,
+            **self._budget_args()))
+        if keep >= longest:
+            return
+        if keep == 0:
+            self.rollout.keep_attention = False
+            log.warning("rollout.keep_attention: no room for kept attention outputs beside a %d-token document in "
+                        "%.1f GiB (engine/budget.py); running without them", longest, capacity / 2 ** 30)
+            return
+        self.rollout.keep_tokens = keep
+        log.info("rollout.keep_attention: outputs kept for the last %d of the longest document's %d tokens, as "
+                 "many as are predicted to fit %.1f GiB (rollout.keep_attention_tokens sets it)", keep, longest,
+                 capacity / 2 ** 30)
+
+    def predicted_peak(self) -> PeakEstimate:
+        """The memory model's peak GPU memory (engine.budget.PeakEstimate) of the longest document's step."""
+        return estimate_peak(CausalLMAdapter(self.module), self.data.longest_doc,
+                             self.data.largest_chunk(self.rollout.chunk_size),
+                             keep_attention=self.rollout.keep_attention, keep_tokens=self.rollout.keep_tokens,
+                             **self._budget_args())
+
+    def check(self, capacity: int | None = None) -> None:
+        """Predicts the peak GPU memory of the longest document (engine/budget.py) and warns, with what to
+        change, if it would not fit: the peak comes at the first backward chunk, after the whole fill pass."""
+        ro = self.cfg.rollout
+        est = self.predicted_peak()
+        capacity = self._capacity(capacity)
+        log.info("GPU memory, predicted peak for the longest document: %s of %.1f GiB", est.describe(),
+                 capacity / 2 ** 30)
+        advice = fit_advice(est, capacity, ro.offload, self.rollout.keep_attention, ro.offload_layers)
+        if advice:
+            log.warning("%s", advice)
