@@ -2,6 +2,9 @@
 # Issue 12 [seams] on one H200 (< 10 min). Carry .whl/ (../shared/device/make-wheels.sh, plus an xxhash wheel for
 # Python 3.12) and .old/ (the engine before the seams: `git archive 145fefc rollout_dist bench | tar -x -C .old`).
 #   bash bench/device/seams.sh [VARIANTS...]   (default: cudnn+keep:16384 cudnn+kv:16384)
+#   bash bench/device/seams.sh trainer         # the trainer before and after its split into roles, TinyLlama
+#                                              # shape at 131,072 tokens, chunk size and kept outputs picked from
+#                                              # GPU memory (the memory planner's GPU path), ZeRO-1, 2 steps each
 # 1. every GPU test (split attention, bf16 exactness, offload, carried state on CUDA streams);
 # 2. the 131K TinyLlama step before and after the seams (keyed random streams enter a scope per layer and chunk,
 #    the kernel and host pool belong to the rollout), same call, same GPU, two variants each.
@@ -11,6 +14,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export TORCH_CUDA_ARCH_LIST=9.0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$PWD
+if [ "${1:-}" = trainer ]; then
+  for tree in old new; do
+    dir=$ROOT; [ $tree = old ] && dir=$ROOT/.old
+    (cd "$dir" && OUT=$OUT PYTHONPATH=/tmp/site:$dir python3 bench/train_long.py --tokens 131072 --steps 2 -- \
+       model=tinyllama_1b rollout.chunk_size=0 rollout.keep_attention=true trainer.zero_stage=1 2>&1 \
+       | tee "$OUT/trainer_$tree.log" | grep '^{' | sed "s/^{/{\"tree\": \"$tree\", /" >> "$OUT/seams_trainer.jsonl")
+  done
+  grep -h "chunk_size=0\|keep_attention\|predicted peak\|Error\|error" "$OUT"/trainer_*.log | cut -c1-200
+  cut -c1-400 "$OUT/seams_trainer.jsonl"
+  exit 0
+fi
 PYTHONPATH=/tmp/site:$ROOT python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_split_attention.py tests/test_exact.py tests/test_offload.py \
   tests/test_carried_state.py tests/test_budget.py 2>&1 | tee "$OUT/gpu_tests.log" \
   | tail -8
