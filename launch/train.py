@@ -37,10 +37,12 @@ def main(cfg: DictConfig) -> None:
     try:
         train_cfg = to_train_config(cfg)
         trainer = Trainer(train_cfg, resolved_config=OmegaConf.to_yaml(cfg, resolve=True))
+        trainer.fit()
     except (ConfigError, DataError, NotImplementedError) as err:
+        # construction checks every input before anything is written; set-up (process group, layout, resume)
+        # raises the same errors for what only a started run can know
         logging.getLogger("rollout_dist").error("%s", err)
         sys.exit(2)
-    trainer.fit()
     trainer.close()
 
 

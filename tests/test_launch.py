@@ -47,6 +47,8 @@ def test_short_run_trains_and_saves_hf_model(tmp_path, docs):
     (["rollout.chunk_size=-5"], "rollout.chunk_size must be a positive number of tokens per chunk (e.g. 4096) or 0 "
                                 "to pick it from GPU memory; got -5"),
     (["model.path=/nonexistent/model"], "model.path='/nonexistent/model': no such directory"),
+    # found at set-up (the process group exists only then), still before the run directory is made
+    (["parallel.pp=2"], "parallel.pp=2 must divide the number of processes (1)"),
 ])
 def test_bad_input_exits_nonzero_with_a_named_message_and_writes_nothing(tmp_path, overrides, message):
     code, out = run(*overrides, f"checkpoint.dir={tmp_path / 'run'}", cwd=tmp_path)
