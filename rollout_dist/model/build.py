@@ -12,12 +12,13 @@ from ..tokenizer import byte_tokenizer
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def build_model(cfg: ModelConfig, device: torch.device):
-    """(model, tokenizer): from ``cfg.path`` (local HF directory) or built from the shape in ``cfg``."""
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None = None):
+    """(model, tokenizer): from ``cfg.path`` (local HF directory) or built from the shape in ``cfg``, in ``dtype``
+    (default: ``cfg.dtype``, where auto is bf16 on a GPU and fp32 on the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, \
         MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    dtype = _DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or _DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if cfg.path is not None:
         path = Path(os.path.expanduser(cfg.path))
         if not path.is_dir():

@@ -2,7 +2,7 @@
 ``summary.json``, both written by global rank 0 once every rank is done.
 
 With pipeline stages each rank holds only its stage's layers: the stages of replica 0 send theirs to rank 0,
-which loads them into a freshly built full model (on the CPU) before saving it.
+which loads them into a freshly built full model (on the CPU, in the training dtype) before saving it.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def export_final(cfg: TrainConfig, run_dir: Path, module: torch.nn.Module, token
         final = run_dir / "final"
         model = module
         if full_state is not None:
-            model, _ = build_model(cfg.model, torch.device("cpu"))
+            # in the dtype it trained in: model.dtype=auto means bf16 on the GPUs but fp32 on this CPU
+            model, _ = build_model(cfg.model, torch.device("cpu"), dtype=next(module.parameters()).dtype)
             model.load_state_dict(full_state, strict=True)
         model.save_pretrained(final)
         tokenizer.save_pretrained(final)

@@ -11,12 +11,13 @@ from ..parallel import RankLayout
 
 
 def build_trainable_model(cfg: TrainConfig, device: torch.device):
-    """(model, tokenizer) for training, refusing what DeepSpeed cannot train (float64 gradients) or what the
+    """(model, tokenizer) for training (in train mode), refusing what DeepSpeed cannot train (float64 gradients) or what the
     config contradicts (bf16 optimizer states of a non-bf16 model) with the key to change."""
     if cfg.model.dtype == "float64":
         raise ConfigError("model.dtype=float64 is for the API's exactness checks; DeepSpeed does not reduce "
                           "float64 gradients, so train in float32 or bfloat16")
     model, tokenizer = build_model(cfg.model, device)
+    model.train()  # from_pretrained returns a model in eval mode: its dropout would be off while a built one's is on
     if cfg.trainer.optimizer_dtype == "bf16" and model.dtype != torch.bfloat16:
         raise ConfigError(f"trainer.optimizer_dtype=bf16 needs a bf16 model; model.dtype gives "
                           f"{str(model.dtype).replace('torch.', '')} on {device}: set "
