@@ -7,6 +7,7 @@ RoPE scaling from the config (linear, yarn, llama3) is honoured.  No distributed
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager
 
@@ -20,6 +21,22 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # RoPE variants whose frequencies depend on the current sequence length cannot be evaluated chunk by chunk
 # with the same result as a full-sequence forward.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+"""What HF decoder layers call the cache argument: ``cache`` from transformers 5.24 on (``past_key_values`` is
+deprecated there, to be removed in 5.40), ``past_key_values`` before (where an unknown ``cache`` would vanish into
+``**kwargs``: no K/V carried, wrong results, no error)."""
+
+
+def cache_argument(layer_cls: type) -> str:
+    """The name under which ``layer_cls.forward`` takes the cache, read from its signature."""
+    params = inspect.signature(layer_cls.forward).parameters
+    for name in CACHE_ARGUMENTS:
+        if name in params:
+            return name
+    raise TypeError(f"{layer_cls.__name__}.forward takes none of {CACHE_ARGUMENTS}: this transformers version is "
+                    "not supported (see pyproject.toml for the versions tested)")
 
 
 def _rope_type(config) -> str:
@@ -48,6 +65,7 @@ class CausalLMAdapter:
         self.stage = getattr(model, "rollout_stage", None)
         """``StageInfo`` when the model was trimmed to one pipeline stage (rollout_dist.model.stage), else None."""
         self.layers = list(self.decoder.layers)
+        self.cache_argument = cache_argument(type(self.layers[0]))
         self.layer_offset = self.stage.first_layer if self.stage else 0
         self.num_layers = len(self.layers)
         self.has_embedding = self.stage is None or self.stage.is_first
@@ -112,8 +130,8 @@ class CausalLMAdapter:
         context = ChunkContext(state=state, segments=segments, kernel=kernel or ChunkKernel("auto"))
         for i, layer in enumerate(self.layers):
             with layer_scope(self.layer_offset + i) if layer_scope is not None else nullcontext():
-                out = layer(hidden, attention_mask=context, position_ids=positions, past_key_values=state,
-                            use_cache=True, position_embeddings=rope)
+                out = layer(hidden, attention_mask=context, position_ids=positions, use_cache=True,
+                            position_embeddings=rope, **{self.cache_argument: state})
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
