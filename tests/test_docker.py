@@ -59,3 +59,18 @@ def test_base_image_and_python_packages_are_pinned():
     unpinned = [p for p in packages if "==" not in p]
     assert not unpinned, f"unpinned packages: {unpinned}"
     assert any("openmpi" in args for word, args in parsed if word == "RUN"), "no MPI in the image"
+
+
+def test_pinned_versions_lie_within_the_package_bounds():
+    """The image installs the package with --no-deps: its pins must satisfy pyproject.toml's bounds themselves."""
+    import pytest
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    bounds = {Requirement(r).name: Requirement(r).specifier
+              for r in tomllib.loads((DOCKERFILE.parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]}
+    text = " ".join(args for word, args in instructions() if word == "RUN")
+    pins = dict(m.groups() for m in re.finditer(r"(?<![\w.-])([A-Za-z][\w.-]*)==([\w.+]+)", text))
+    for name in ("torch", "deepspeed", "transformers"):
+        assert pins[name] in bounds[name], f"Dockerfile pins {name}=={pins[name]}, pyproject asks {bounds[name]}"
