@@ -46,3 +46,15 @@ def test_variant_names_parse_into_rollout_options():
     assert parse_variant("sdpa+all:512")[2] == {"attention": "sdpa", "offload": "all"}
     with pytest.raises(SystemExit, match="unknown flag 'kvx'"):
         parse_variant("cudnn+kvx:512")
+
+
+def test_bf16_chunks_measures_errors_against_fp32(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "bf16_chunks.py"), "--shape", "tiny", "--device", "cpu", "--chunk",
+           "16", "--chunks", "2", "4"]
+    proc = subprocess.run(cmd, env=child_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "bf16_chunks.jsonl").read_text().splitlines()]
+    assert [(r["system"], r["T"]) for r in records] == [("rollout_bf16", 32), ("hf_fullseq_bf16", 32),
+                                                        ("rollout_bf16", 64), ("hf_fullseq_bf16", 64)]
+    for r in records:  # bf16 against fp32: errors of bf16 rounding, neither zero nor wild
+        assert 1e-4 < r["median_rel_err"] <= r["max_rel_err"] < 0.1, r
