@@ -91,7 +91,7 @@ class Trainer:
         layout = self.context.start(cfg.parallel)
         counts = None
         if layout.pp > 1:
-            counts = trim_to_this_stage(self.model, cfg.parallel, layout, self.longest_doc)
+            counts = trim_to_this_stage(self.model, cfg.parallel, layout, self.longest_doc, self.device)
             self.rollout = self._make_rollout(layout, self.rollout.chunk_size)
         self._open_run_dir()
         self.data.start(layout)

@@ -98,13 +98,16 @@ def trim_to_stage(model: torch.nn.Module, stage: int, counts: list[int]) -> Stag
     return info
 
 
+def global_name(name: str, info: StageInfo | None) -> str:
+    """A stage's module or tensor name under the full model's naming (decoder layer indices made global)."""
+    prefix = "model.layers."
+    if info is None or not name.startswith(prefix) or name == prefix.rstrip("."):
+        return name
+    local, _, rest = name[len(prefix):].partition(".")
+    return f"{prefix}{int(local) + info.first_layer}" + (f".{rest}" if rest else "")
+
+
 def stage_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The stage's parameters and buffers under the full model's names (layer indices made global)."""
     info: StageInfo | None = getattr(model, "rollout_stage", None)
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if info is not None and name.startswith("model.layers."):
-            local, rest = name[len("model.layers."):].split(".", 1)
-            name = f"model.layers.{int(local) + info.first_layer}.{rest}"
-        out[name] = tensor.detach().cpu()
-    return out
+    return {global_name(name, info): tensor.detach().cpu() for name, tensor in model.state_dict().items()}

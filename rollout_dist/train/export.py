@@ -14,7 +14,7 @@ import torch
 
 from ..config import TrainConfig
 from ..model import stage_state_dict
-from ..model.build import build_model
+from ..model.build import build_model, materialize
 from .context import RunContext
 from .metrics import StepStats
 
@@ -57,8 +57,10 @@ def export_final(cfg: TrainConfig, run_dir: Path, module: torch.nn.Module, token
         model = module
         if full_state is not None:
             # in the dtype it trained in: model.dtype=auto means bf16 on the GPUs but fp32 on this CPU
-            model, _ = build_model(cfg.model, torch.device("cpu"), dtype=next(module.parameters()).dtype)
-            model.load_state_dict(full_state, strict=True)
+            model, _ = build_model(cfg.model, torch.device("cpu"), dtype=next(module.parameters()).dtype,
+                                   materialized=False)
+            model.load_state_dict(full_state, strict=True, assign=True)
+            materialize(model, torch.device("cpu"))
         model.save_pretrained(final)
         tokenizer.save_pretrained(final)
         summary["final_model"] = str(final)

@@ -6,7 +6,7 @@ import torch
 
 from ..config import ConfigError, ParallelConfig, TrainConfig
 from ..model import stage_layer_counts, trim_to_stage
-from ..model.build import build_model
+from ..model.build import build_model, materialize
 from ..parallel import RankLayout
 
 
@@ -16,7 +16,8 @@ def build_trainable_model(cfg: TrainConfig, device: torch.device):
     if cfg.model.dtype == "float64":
         raise ConfigError("model.dtype=float64 is for the API's exactness checks; DeepSpeed does not reduce "
                           "float64 gradients, so train in float32 or bfloat16")
-    model, tokenizer = build_model(cfg.model, device)
+    # with pipeline stages nothing is placed on the device before the model is trimmed to this rank's stage
+    model, tokenizer = build_model(cfg.model, device, seed=cfg.trainer.seed, materialized=cfg.parallel.pp == 1)
     model.train()  # from_pretrained returns a model in eval mode: its dropout would be off while a built one's is on
     if cfg.trainer.optimizer_dtype == "bf16" and model.dtype != torch.bfloat16:
         raise ConfigError(f"trainer.optimizer_dtype=bf16 needs a bf16 model; model.dtype gives "
@@ -26,13 +27,15 @@ def build_trainable_model(cfg: TrainConfig, device: torch.device):
 
 
 def trim_to_this_stage(model: torch.nn.Module, parallel: ParallelConfig, layout: RankLayout,
-                       longest_doc: int) -> list[int]:
-    """Keeps only this rank's stage of ``model`` (in place); returns the decoder layers of every stage, balanced
-    by training FLOPs at the longest document's length unless parallel.stage_layers gives them.  A split the
-    model does not allow is a ``ConfigError``."""
+                       longest_doc: int, device: torch.device) -> list[int]:
+    """Keeps only this rank's stage of ``model`` (in place) and only then places it on ``device`` (a built model
+    is initialised there with the values one process holding all layers gets); returns the decoder layers of
+    every stage, balanced by training FLOPs at the longest document's length unless parallel.stage_layers gives
+    them.  A split the model does not allow is a ``ConfigError``."""
     try:
         counts = stage_layer_counts(model, layout.pp, parallel.stage_layers, tokens=longest_doc)
         trim_to_stage(model, layout.stage, counts)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    materialize(model, device)
     return counts
