@@ -138,3 +138,31 @@ def test_chunk_size_is_the_largest_that_fits():
     assert pick_chunk_size(adapter, 3000, 139 * GiB, **pick) == 2048  # never longer than the document
     assert pick_chunk_size(adapter, 100, 139 * GiB, **pick) == 100
     assert pick_chunk_size(adapter, 4_000_000, 16 * GiB, **pick) == 128  # nothing fits: the smallest
+
+
+def test_pipeline_stages_are_counted_with_their_chunks_in_flight():
+    """A stage's activations are counted on what it holds (before, the probe needed the embedding and the final
+    norm of the whole model: every pipeline stage failed it), each stage s of p holds p - s recomputed chunk
+    graphs at once in the 1F1B backward, and only the last stage has logits."""
+    import torch
+
+    from rollout_dist.engine.budget import chunks_in_flight, logits_bytes_per_token
+    from rollout_dist.model import trim_to_stage
+    from tests.helpers import tiny_model
+
+    whole = CausalLMAdapter(tiny_model("llama", num_hidden_layers=4, dtype=torch.float32))
+    layers = activation_bytes_per_token(whole, layers_only=True)
+    stages = []
+    for stage in range(2):
+        model = tiny_model("llama", num_hidden_layers=4, dtype=torch.float32)
+        trim_to_stage(model, stage, [1, 3])
+        stages.append(CausalLMAdapter(model))
+    s0, s1 = (activation_bytes_per_token(a, layers_only=True) for a in stages)
+    # the layers' bytes split over the stages; each stage keeps its own rotary tables besides (a few bytes)
+    assert layers <= s0 + s1 <= layers + 64 and 2.5 * s0 < s1 < 3.5 * s0, (layers, s0, s1)
+    assert [chunks_in_flight(a) for a in stages] == [2, 1] and chunks_in_flight(whole) == 1
+    first, last = (estimate_peak(a, 64, 16, fixed=0) for a in stages)
+    act0, act1 = (activation_bytes_per_token(a) for a in stages)
+    assert first.chunk_activations == 16 * 2 * act0  # two recomputed chunks alive, no LM head
+    assert last.chunk_activations == 16 * (act1 + logits_bytes_per_token(last_adapter := stages[1]))
+    assert last_adapter.has_head and not stages[0].has_head

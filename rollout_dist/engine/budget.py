@@ -62,11 +62,20 @@ def logits_bytes_per_token(adapter: CausalLMAdapter, vocab_tile: int = 0) -> int
 
 def activation_bytes_per_token(adapter: CausalLMAdapter, probe_tokens: int = 32, layers_only: bool = False) -> int:
     """Bytes autograd keeps per chunk token through the embedding, all decoder layers and the final norm during a
-    recompute, counted on a probe chunk (after a probe prefix of the same length) on the model's own device;
-    weights and the carried buffers are not counted, nor the logits (``logits_bytes_per_token``).  With
-    ``layers_only`` the decoder layers alone (the chunk's embedded input still requires grad, as in training)."""
+    recompute (of a pipeline stage: what the stage holds of them, its input received from the stage before),
+    counted on a probe chunk (after a probe prefix of the same length) on the model's own device; weights and the
+    carried buffers are not counted, nor the logits (``logits_bytes_per_token``).  With ``layers_only`` the
+    decoder layers alone (the chunk's input still requires grad, as in training)."""
     with torch.random.fork_rng(devices=[adapter.device] if adapter.device.type == "cuda" else []):
         return _count_saved_bytes(adapter, probe_tokens, layers_only)
+
+
+def _stage_input(adapter: CausalLMAdapter, ids: torch.Tensor) -> torch.Tensor:
+    """The embedded chunk, or on a later pipeline stage the hidden states the stage before sends (with grad)."""
+    if adapter.has_embedding:
+        return adapter.embed(ids)
+    return torch.zeros((*ids.shape, adapter.hidden_size), dtype=adapter.dtype, device=adapter.device,
+                       requires_grad=torch.is_grad_enabled())
 
 
 def _count_saved_bytes(adapter: CausalLMAdapter, probe_tokens: int, layers_only: bool) -> int:
@@ -85,16 +94,25 @@ def _count_saved_bytes(adapter: CausalLMAdapter, probe_tokens: int, layers_only:
     kernel = ChunkKernel("math")  # the reference split kernel saves what the fused ones save
     with adapter.chunk_attention():
         with torch.no_grad():
-            adapter.forward_chunk(ids[:, :probe_tokens], 0, state, phase="fill", kernel=kernel)
+            adapter.forward_layers(_stage_input(adapter, ids[:, :probe_tokens]), 0, state, phase="fill",
+                                   kernel=kernel)
         with torch.enable_grad():
             chunk_ids = ids[:, probe_tokens:]
-            hidden = adapter.embed(chunk_ids) if layers_only else None
+            hidden = _stage_input(adapter, chunk_ids) if layers_only else None
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                if layers_only:
-                    adapter.forward_layers(hidden, probe_tokens, state, phase="recompute", kernel=kernel)
-                else:
-                    adapter.forward_chunk(chunk_ids, probe_tokens, state, phase="recompute", kernel=kernel)
+                if not layers_only:
+                    hidden = _stage_input(adapter, chunk_ids)
+                hidden = adapter.forward_layers(hidden, probe_tokens, state, phase="recompute", kernel=kernel)
+                if not layers_only and adapter.has_head:
+                    adapter.final_norm(hidden)
     return -(-sum(saved.values()) // probe_tokens)
+
+
+def chunks_in_flight(adapter: CausalLMAdapter) -> int:
+    """Recomputed chunk graphs a model holds at once in the backward pass: 1, or on pipeline stage s of p the
+    p - 1 - s chunks the 1F1B schedule recomputes ahead plus the one running backward (parallel/pipeline.py)."""
+    stage = adapter.stage
+    return 1 if stage is None else stage.num_stages - stage.stage
 
 
 @dataclass
@@ -121,7 +139,8 @@ def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload:
                   keep_attention: bool = False, vocab_tile: int = 0, fixed: int | None = None,
                   activation_per_token: int | None = None, keep_tokens: int = 0,
                   offload_layers: int = 0) -> PeakEstimate:
-    """Predicted peak device memory of one rollout of a (1, tokens) document with chunks of ``chunk`` tokens.
+    """Predicted peak device memory of one rollout of a (1, tokens) document with chunks of ``chunk`` tokens
+    (on a pipeline stage: of its part, with ``chunks_in_flight`` recomputed chunks alive).
 
     ``keep_tokens`` > 0 (with ``keep_attention``): outputs kept for at most that many tokens.  ``fixed`` defaults
     to the bytes allocated on the model's device now (0 on CPU); optimizer states that are created at the first
@@ -137,7 +156,9 @@ def estimate_peak(adapter: CausalLMAdapter, tokens: int, chunk: int, *, offload:
         tokens=tokens, chunk=chunk, fixed=fixed,
         state=tokens * state_bytes_per_token(adapter, offload, offload_layers=offload_layers)
         + (min(keep_tokens or tokens, tokens) * kept_bytes_per_token(adapter) if keep_attention else 0),
-        chunk_activations=chunk * (activation_per_token + logits_bytes_per_token(adapter, vocab_tile)),
+        # logits exist on the last stage only, for the chunk running backward
+        chunk_activations=chunk * (chunks_in_flight(adapter) * activation_per_token
+                                   + (logits_bytes_per_token(adapter, vocab_tile) if adapter.has_head else 0)),
         transient=2 * tokens * one_layer_kv)  # one layer's prefix K/V copies and its prefix dK/dV
 
 

@@ -94,3 +94,18 @@ def test_check_warns_only_when_the_peak_does_not_fit(tmp_path, caplog):
         planner.check(capacity=1 << 16)
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning and "rollout.offload=kv" in warning[-1]
+
+
+def test_a_pipeline_stage_plans_its_own_part(tmp_path, caplog):
+    """On a GPU every stage of pp > 1 checks its predicted peak at set-up; the probe of activations needed the
+    whole model's embedding and final norm and failed on every stage."""
+    from rollout_dist.model import trim_to_stage
+
+    for stage in (0, 1):
+        cfg, model, planner = setup(tmp_path / str(stage), chunk=0)
+        trim_to_stage(model, stage, [1, 1])
+        planner.pick_chunk_size(capacity=1 << 40)
+        assert planner.rollout.chunk_size == 60  # the longest document, in one chunk
+        with caplog.at_level("INFO", logger="rollout_dist"):
+            planner.check(capacity=1 << 40)
+        assert "predicted peak for the longest document" in caplog.text
