@@ -16,13 +16,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from rollout_dist.cli import run_main  # noqa: E402
 from rollout_dist.config import ConfigError, to_train_config  # noqa: E402
 from rollout_dist.data import DataError  # noqa: E402
 
 
+class _Format(logging.Formatter):
+    """Progress lines as they are; a warning or an error with its level and logger, as training prints them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname} {record.name}: {message}"
+
+
 @hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from rollout_dist.plan import format_summary, plan_corpus
     from rollout_dist.planning.index import ChunkIndexError
     from rollout_dist.planning.planner import PlanError
@@ -40,4 +48,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(_Format())
+    logging.basicConfig(level=logging.INFO, handlers=[console])
+    run_main(main)

@@ -1,7 +1,8 @@
 """Training entry point: ``deepspeed launch/train.py [hydra overrides]`` or ``python launch/train.py ...``.
 
-Hydra composes hydra_conf/ (see rollout_dist/config.py for every key); errors in the config, the model or the
-data are reported in one line naming the key or file, with exit status 2, before anything is written.
+Hydra composes hydra_conf/ (see rollout_dist/config.py for every key); errors in the command line, the config,
+the model or the data are reported in one line naming the key or file, with exit status 2, before anything is
+written.  Log lines print above the progress bar, on stderr; train.log in the run directory has them all.
 """
 import logging
 import os
@@ -12,8 +13,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from rollout_dist.cli import run_main  # noqa: E402
 from rollout_dist.config import ConfigError, to_train_config  # noqa: E402
 from rollout_dist.data import DataError  # noqa: E402
+from rollout_dist.train.metrics import console_logging  # noqa: E402
 
 
 def _strip_launcher_args() -> None:
@@ -31,8 +34,6 @@ def _strip_launcher_args() -> None:
 
 @hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
     from rollout_dist.trainer import Trainer
     try:
         train_cfg = to_train_config(cfg)
@@ -48,4 +49,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     _strip_launcher_args()
-    main()
+    console_logging()
+    run_main(main)

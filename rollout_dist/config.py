@@ -2,15 +2,18 @@
 
 Hydra composes ``hydra_conf/config.yaml`` (groups: model, data, rollout, trainer, checkpoint) onto the schema
 ``base_config`` registered here; ``to_train_config`` turns the composed tree into these dataclasses, which runs
-the checks.  This module does not import torch.
+the checks, a key the schema lacks included (Hydra's ``+key=value`` adds any).  rollout_dist/cli.py turns
+Hydra's own errors about the command line into the same one line.  This module does not import torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from rollout_dist.planning.config import PlannerConfig
 
@@ -225,8 +228,8 @@ class TrainerConfig:
 class CheckpointConfig:
     dir: str = "runs/default"
     """Run directory: logs, TensorBoard events, the resolved config, training checkpoints (``checkpoints/``)
-    and the final HF model (``final/``). Without ``resume`` it must not already hold a run: nothing of an
-    earlier run is overwritten."""
+    and the final HF model (``final/``). Without ``resume`` it must be new or empty: nothing of an earlier
+    run, or anything else, is overwritten."""
     save_final: bool = True
     every: int = 0
     """Save a training checkpoint (DeepSpeed: weights, optimizer, LR schedule; plus step, data position and
@@ -284,8 +287,117 @@ def register_configs() -> None:
     cs.store(name="base_config", node=TrainConfig)
 
 
+OPTIONAL_GROUPS = ("experiment",)
+"""Config groups of hydra_conf/ outside the defaults list: chosen with ``+group=option``."""
+
+KEYS_DOC = "every key is documented in rollout_dist/config.py"
+
+
+def _schema_at(path: list[str]):
+    """The dataclass at a path of section names (``[]``: TrainConfig); None where the path leaves the schema."""
+    schema = TrainConfig
+    for part in path:
+        hint = get_type_hints(schema).get(part)
+        if not is_dataclass(hint):
+            return None
+        schema = hint
+    return schema
+
+
+def unknown_key(full_key: str) -> tuple[int, list[str]] | None:
+    """Where a dotted key leaves the schema: the index of its first part that the schema lacks, with the valid
+    keys at that place (top level: the sections and the optional groups); None if the key is valid (or lies
+    inside a free-form field)."""
+    parts = full_key.split(".")
+    if parts[0] == "hydra":
+        return None  # Hydra's own node: Hydra checks it
+    for i, part in enumerate(parts):
+        schema = _schema_at(parts[:i])
+        if schema is None:
+            return None
+        names = [f.name for f in fields(schema)] + (list(OPTIONAL_GROUPS) if i == 0 else [])
+        if part not in names:
+            return i, names
+    return None
+
+
+def unknown_key_message(full_key: str, value: object = None) -> str:
+    """One line for a key the schema lacks: the setting as given, the unknown part, the nearest valid key (by
+    ``difflib``), else the valid keys there.  ``full_key`` must hold an unknown part (see ``unknown_key``)."""
+    found = unknown_key(full_key)
+    if found is None:
+        raise ValueError(f"{full_key} is a valid key")
+    i, names = found
+    parts = full_key.split(".")
+    part = parts[i]
+    where = ".".join(parts[:i]) or "the config"
+    setting = full_key if value is None else f"{full_key}={value}"
+    close = difflib.get_close_matches(part, names, n=1)
+    if not close:
+        return f"{setting}: unknown key {part!r} in {where}, whose keys are {', '.join(names)}; {KEYS_DOC}"
+    fixed = ".".join(parts[:i] + close + parts[i + 1:])
+    if fixed in OPTIONAL_GROUPS:
+        fixed = "+" + fixed
+    return (f"{setting}: unknown key {part!r} in {where}; did you mean "
+            f"{fixed if value is None else f'{fixed}={value}'}? ({KEYS_DOC})")
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuses a key of the composed tree that the schema lacks: one added on the command line with ``+`` (Hydra
+    adds any), or misspelt in a YAML file of hydra_conf/.  Hydra's own node (``hydra``) is not checked."""
+    def walk(node: dict, path: list[str]) -> None:
+        schema = _schema_at(path)
+        if schema is None:
+            return  # a free-form field (e.g. planner.boundary_weights)
+        names = {f.name for f in fields(schema)}
+        for key, value in node.items():
+            if not path and key == "hydra":
+                continue
+            full = path + [str(key)]
+            if key not in names:
+                while isinstance(value, dict) and value:  # name the first setting below an unknown section
+                    key, value = next(iter(value.items()))
+                    full.append(str(key))
+                raise ConfigError(unknown_key_message(".".join(full), override_text(value)))
+            if isinstance(value, dict):
+                walk(value, full)
+
+    walk(OmegaConf.to_container(cfg, resolve=False), [])
+
+
+def override_text(value: object) -> str:
+    """A value as one writes it in an override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def value_kind(full_key: str) -> str | None:
+    """What a leaf of the schema takes, in words ("an integer", ...); None if it is not a leaf of the schema."""
+    parts = full_key.split(".")
+    schema = _schema_at(parts[:-1])
+    hint = get_type_hints(schema).get(parts[-1]) if schema is not None else None
+    if hint is None:
+        return None
+    kinds = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list, e.g. [1, 2]",
+             dict: "a mapping, e.g. {a: 1}"}
+    args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
+    if len(args) == 1 and args[0] in kinds:  # Optional[X]
+        return f"{kinds[args[0]]} or null"
+    return kinds.get(hint)
+
+
+def omegaconf_message(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message without the lines it appends (full_key, reference_type, object_type)."""
+    return str(err.msg or err).strip().splitlines()[0].strip()
+
+
 def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Composed Hydra tree -> checked dataclasses (``__post_init__`` of every section runs here)."""
+    """Composed Hydra tree -> checked dataclasses (``__post_init__`` of every section runs here).  A key the
+    schema lacks, a missing value or an interpolation that does not resolve is a ``ConfigError`` as well."""
+    check_keys(cfg)
     try:
         obj = OmegaConf.to_object(cfg)
     except ConfigError:
@@ -294,6 +406,9 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         cause = err.__cause__ or err.__context__
         if isinstance(cause, ConfigError):
             raise cause from None
+        if isinstance(err, OmegaConfBaseException):
+            where = f"{err.full_key}: " if err.full_key else ""
+            raise ConfigError(f"{where}{omegaconf_message(err)}; {KEYS_DOC}") from None
         raise
     if not isinstance(obj, TrainConfig):
         raise ConfigError("the composed config is not a TrainConfig; does hydra_conf/config.yaml list base_config?")

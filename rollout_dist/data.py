@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 BUNDLED_CORPUS = Path(__file__).parent / "assets" / "corpus"
 BUNDLED_MAX_DOC_TOKENS = 4096
+PROGRESS_DELAY_S = 2.0
+"""The tokenizing bar appears only once tokenizing has taken this long: a corpus read in a moment shows none."""
 SUFFIXES = (".txt", ".jsonl")
 
 
@@ -117,7 +119,8 @@ def load_documents(path: str | None, tokenizer, vocab_size: int, *, text_field: 
     report = LoadReport()
     docs: list[Document] = []
     texts = read_texts(files, text_field, invalid_utf8, report)
-    for doc_id, text in tqdm(texts, desc="tokenizing", unit="doc", disable=not progress, leave=False):
+    for doc_id, text in tqdm(texts, desc="tokenizing", unit="doc", disable=not progress, leave=False,
+                             delay=PROGRESS_DELAY_S):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         if len(ids) < 2:
             report.skipped_short.append(doc_id)

@@ -96,3 +96,68 @@ def test_8b_offload_recipe_composes():
 
 def test_chunk_size_zero_means_picked_from_memory():
     assert load("rollout.chunk_size=0").rollout.chunk_size == 0
+
+
+@pytest.mark.parametrize("override,message", [
+    # Hydra's own error for a misspelt key suggests "+key=value", which adds the key: it must not then be ignored
+    ("+rolout.chunk_size=64", "rolout.chunk_size=64: unknown key 'rolout' in the config; did you mean "
+                              "rollout.chunk_size=64?"),
+    ("+trainer.max_stepz=3", "trainer.max_stepz=3: unknown key 'max_stepz' in trainer; did you mean "
+                             "trainer.max_steps=3?"),
+    ("+experimnt=tinyllama_2m", "did you mean +experiment=tinyllama_2m?"),
+    ("+rollout.zzzzz=1", "unknown key 'zzzzz' in rollout, whose keys are mode, chunk_size, attention"),
+])
+def test_keys_added_with_plus_must_exist(override, message):
+    with pytest.raises(ConfigError) as err:
+        load(override)
+    assert message in str(err.value) and "rollout_dist/config.py" in str(err.value)
+
+
+def test_free_form_fields_and_experiments_keep_working():
+    from rollout_dist.config import check_keys
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        check_keys(compose(config_name="config", overrides=["+planner.boundary_weights.heading=0.9"]))  # a dict
+    cfg = load("+experiment=tinyllama_2m", "planner.boundary_weights.section=0.9")
+    assert cfg.planner.boundary_weights["section"] == 0.9 and cfg.rollout.offload == "kv"
+
+
+def test_optional_groups_are_the_groups_outside_the_defaults_list():
+    from rollout_dist.config import OPTIONAL_GROUPS
+    defaults = (CONF / "config.yaml").read_text()
+    assert sorted(OPTIONAL_GROUPS) == sorted(g for g in GROUPS if f"- {g}:" not in defaults)
+
+
+def hydra_error(*overrides):
+    with pytest.raises(Exception) as err:
+        load(*overrides)
+    return err.value
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rollout.chunk_sise=64", "rollout.chunk_sise=64: unknown key 'chunk_sise' in rollout; did you mean "
+                              "rollout.chunk_size=64?"),
+    ("rolout.chunk_size=64", "rolout.chunk_size=64: unknown key 'rolout' in the config; did you mean "
+                             "rollout.chunk_size=64?"),
+    ("trainer.max_steps=abc", "trainer.max_steps=abc: trainer.max_steps takes an integer, not 'abc'"),
+    ("trainer.lr=fast", "trainer.lr=fast: trainer.lr takes a number, not 'fast'"),
+    ("rollout.keep_attention=maybe", "rollout.keep_attention=maybe: rollout.keep_attention takes true or false"),
+    ("parallel.dp=x", "parallel.dp=x: parallel.dp takes an integer or null, not 'x'"),
+    ("model=gpt5", "model=gpt5: no config 'model/gpt5' in hydra_conf/; the options of model are llama3_8b, tiny, "
+                   "tinyllama_1b"),
+    ("trainer.betas=[1,2", "trainer.betas=[1,2: not a valid override (no viable alternative at input '[1,2')"),
+    ("experiment=tinyllama_2m", "use +experiment=tinyllama_2m"),
+])
+def test_hydra_errors_become_one_line_naming_key_and_value(override, message):
+    from rollout_dist.cli import command_line_error
+    line = command_line_error(hydra_error(override), [override])
+    assert message in line and "\n" not in line
+
+
+def test_other_errors_are_not_taken_for_command_line_errors():
+    from rollout_dist.cli import command_line_error
+    assert command_line_error(RuntimeError("a bug"), []) is None
+
+
+def test_unresolvable_interpolation_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps: Interpolation key 'oops' not found"):
+        load("trainer.max_steps=${oops}")

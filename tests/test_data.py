@@ -127,3 +127,22 @@ def test_document_order_deterministic_sharded_and_resumable():
     assert [s3.next() for _ in range(10)] != [s4.next() for _ in range(10)]
     with pytest.raises(DataError, match="seed"):
         DocumentOrder(10, seed=5).load_state_dict(state)
+
+
+def test_tokenizing_bar_only_when_tokenizing_takes_a_while(tmp_path, capsys, monkeypatch):
+    """A corpus tokenized in a moment shows no bar (it used to print an empty "tokenizing: 0doc"); a slow one
+    does, once data.PROGRESS_DELAY_S has passed."""
+    import time
+
+    import rollout_dist.data as data
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(f"document number {i}")
+    load(tmp_path, progress=True)
+    assert "tokenizing" not in capsys.readouterr().err
+
+    def slow(text, **kw):
+        time.sleep(0.05)
+        return TOK(text, **kw)
+    monkeypatch.setattr(data, "PROGRESS_DELAY_S", 0.01)
+    load_documents(str(tmp_path), slow, 320, progress=True)
+    assert "tokenizing" in capsys.readouterr().err

@@ -88,9 +88,84 @@ def test_token_ids_beyond_model_vocabulary_name_the_document(tmp_path):
 
 def test_unknown_model_group_lists_the_options(tmp_path):
     code, out = run("model=gpt5", f"checkpoint.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert code != 0
+    assert code == 2, out
     assert "model/gpt5" in out and "tinyllama_1b" in out
+    assert len(out.strip().splitlines()) == 1, out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script,override,message", [
+    # a misspelt key added with "+" (what Hydra's own error suggests) was trained with, ignored
+    ("train", "+rolout.chunk_size=64", "rolout.chunk_size=64: unknown key 'rolout' in the config; did you mean "
+                                       "rollout.chunk_size=64?"),
+    ("train", "+trainer.max_stepz=3", "trainer.max_stepz=3: unknown key 'max_stepz' in trainer; did you mean "
+                                      "trainer.max_steps=3?"),
+    # Hydra's own errors: several lines, exit 1
+    ("train", "rollout.chunk_sise=64", "rollout.chunk_sise=64: unknown key 'chunk_sise' in rollout; did you mean "
+                                       "rollout.chunk_size=64?"),
+    ("train", "trainer.max_steps=abc", "trainer.max_steps=abc: trainer.max_steps takes an integer, not 'abc'"),
+    ("plan", "+rolout.chunk_size=64", "did you mean rollout.chunk_size=64?"),
+    ("plan", "trainer.max_steps=abc", "trainer.max_steps=abc: trainer.max_steps takes an integer, not 'abc'"),
+])
+def test_command_line_errors_are_one_line_with_exit_2(tmp_path, script, override, message):
+    env = child_env(PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    where = f"data.chunk_index={tmp_path / 'index'}" if script == "plan" else f"checkpoint.dir={tmp_path / 'run'}"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / f"{script}.py"), override, where], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and "ERROR rollout_dist: " in lines[0] and message in lines[0], out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "index").exists()
+
+
+def test_hydra_flags_and_experiments_still_work(tmp_path):
+    """--cfg job prints the composed config and exits without training; --help; hydra.* and +experiment."""
+    proc = subprocess.run([sys.executable, str(TRAIN), "+experiment=tinyllama_2m", f"hydra.run.dir={tmp_path / 'h'}",
+                           "--local_rank=0", "--cfg", "job"], cwd=tmp_path, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "name: tinyllama_1b" in proc.stdout and "offload: kv" in proc.stdout
+    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], cwd=tmp_path, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "experiment: llama3_8b_500k, tinyllama_2m" in proc.stdout, proc.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def rendered_segments(text):
+    """What a terminal shows of each write between carriage returns and newlines (a bar redraws after \\r)."""
+    return [seg for line in text.split("\n") for seg in line.split("\r") if seg.strip()]
+
+
+def test_console_is_quiet_and_log_lines_print_above_the_bar(tmp_path, docs):
+    """DeepSpeed's notices that need no action stay off the console (train.log keeps them), and a log line
+    (a saved checkpoint, a warning) never follows a progress bar's characters on the same line."""
+    env = child_env(PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    run_dir = tmp_path / "run"
+    # 3 steps with the default warm-up of 4: DeepSpeed's scheduler warns; checkpoints are logged while the bar runs
+    proc = subprocess.run([sys.executable, str(TRAIN), f"data.path={docs}", "trainer.max_steps=3",
+                           "trainer.log_every=1", "rollout.chunk_size=64", "checkpoint.every=1",
+                           f"checkpoint.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    console = proc.stdout + proc.stderr
+    for noise in ("Setting accelerator to CPU", "warmup_num_steps", "Attempting to get learning rate", "[WARNING]"):
+        assert noise not in console, console
+    bar = ("step/s]", "s/step]", "step/s,", "s/step,", "%|")
+    for seg in rendered_segments(proc.stderr):
+        if any(mark in seg for mark in bar):
+            assert " rollout_dist: " not in seg and "Warning" not in seg and " WARNING " not in seg, seg
+    saved = [seg for seg in rendered_segments(proc.stderr) if "saved training checkpoint" in seg]
+    assert len(saved) == 3 and all(" INFO rollout_dist: saved training checkpoint" in s for s in saved), saved
+    assert "step     1" in proc.stdout and "train: 100%" in proc.stderr and " done: 3 steps" in proc.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "WARNING DeepSpeed: total_num_steps 3 is less than warmup_num_steps 4" in log
+    import torch
+    if not torch.cuda.is_available():  # DeepSpeed's accelerator detection, before the run directory existed
+        assert "WARNING DeepSpeed: Setting accelerator to CPU" in log
+    assert log.index("data: ") < log.index("step     1") < log.index("saved training checkpoint") < log.index("done:")
 
 
 def test_earlier_run_is_not_overwritten(tmp_path, docs):

@@ -83,15 +83,47 @@ class DeepSpeedCheckpointer(Checkpointer):
         return client_state
 
 
+RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "summary.json", "checkpoints", "final", "tensorboard")
+"""What a run writes into its directory (trainer, metrics sinks, checkpointer, export)."""
+
+
+def _names(entries: list[Path], shown: int = 3) -> str:
+    """"a.txt, b.txt, data/, ... 2 more": the first names of a directory's entries."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in entries)
+    return ", ".join(names[:shown]) + (f", ... {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _describe(entries: list[Path]) -> str:
+    """"1 file (notes.txt)", "2 files and 1 folder (a.txt, b.txt, data/)": what a directory holds, in words."""
+    files = sum(1 for p in entries if not p.is_dir())
+    folders = len(entries) - files
+    counts = [f"{n} {word}{'s' if n != 1 else ''}" for n, word in ((files, "file"), (folders, "folder")) if n]
+    return f"{' and '.join(counts)} ({_names(entries)})"
+
+
 def check_run_dir(run_dir: Path, resume: bool, checkpointer: Checkpointer) -> None:
     """A run starts in an empty (or new) directory, or resumes one that holds a checkpoint: nothing of an earlier
-    run is overwritten, and a resume that has nothing to resume from is refused before anything is written."""
+    run is overwritten, and a resume that has nothing to resume from is refused before anything is written.  The
+    refusal says what the directory holds, and suggests ``checkpoint.resume`` only where there is a checkpoint."""
     if resume:
         if not checkpointer.exists():
             raise ConfigError(f"checkpoint.resume=true but checkpoint.dir={str(run_dir)!r} holds no training "
                               f"checkpoint ({checkpointer.location}); start it with checkpoint.every=N")
         return
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ConfigError(f"checkpoint.dir={str(run_dir)!r} already holds an earlier run; nothing is "
-                          "overwritten: choose a new checkpoint.dir, move that run away, or continue it "
-                          "with checkpoint.resume=true")
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"checkpoint.dir={str(run_dir)!r} is a file, not a directory: choose a new checkpoint.dir")
+    entries = list(run_dir.iterdir())
+    if not entries:
+        return
+    if checkpointer.exists():
+        raise ConfigError(f"checkpoint.dir={str(run_dir)!r} already holds an earlier run with a training checkpoint "
+                          f"({checkpointer.location}); nothing is overwritten: continue it with "
+                          "checkpoint.resume=true, or choose a new checkpoint.dir")
+    if any(p.name in RUN_FILES for p in entries):
+        raise ConfigError(f"checkpoint.dir={str(run_dir)!r} already holds an earlier run ({_names(entries)}) with "
+                          "no training checkpoint to resume; nothing is overwritten: choose a new checkpoint.dir or "
+                          "move that run away")
+    raise ConfigError(f"checkpoint.dir={str(run_dir)!r} holds {_describe(entries)} and no run: choose an empty or "
+                      "new checkpoint.dir")

@@ -7,12 +7,18 @@
 
 The trainer opens them on rank 0 only (every rank computes the same reduced statistics).  ``ChunkBar`` is the
 per-document bar of chunk progress below the step bar, for documents long enough to take a while.
+
+``console_logging`` (the entry point's logging set-up) prints log lines above the bars, routes DeepSpeed's records
+and Python's warnings through the same handlers, keeps DeepSpeed's notices that say nothing to a user of this
+trainer (``OFF_CONSOLE``) off the console, and holds the records of the set-up until ``TrainLog`` opens, so that
+train.log has every record of the run, those off the console included.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import resource
 import sys
 from dataclasses import asdict, dataclass
@@ -62,6 +68,79 @@ def reports(step: int, log_every: int) -> bool:
     return step % log_every == 0 or step == 1
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+OFF_CONSOLE = (  # (logger, message pattern): records that say nothing to a user; train.log keeps them
+    ("DeepSpeed", r"Setting accelerator to CPU"),  # DeepSpeed guessing its accelerator; the run logs its device
+    ("DeepSpeed", r"total_num_steps \d+ is less than warmup_num_steps"),  # a short run; the LR is logged per step
+    ("DeepSpeed", r"Attempting to get learning rate from scheduler before it has started"),  # at set-up
+)
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Writes each record through ``tqdm.write``: above the progress bars, which are redrawn below it, instead
+    of glued to the end of a bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+
+class OffConsole(logging.Filter):
+    """Drops the records of ``OFF_CONSOLE`` (on the console handler; train.log's handler has no such filter)."""
+
+    def __init__(self, rules=OFF_CONSOLE):
+        super().__init__()
+        self.rules = [(name, re.compile(pattern)) for name, pattern in rules]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(record.name == name and pattern.search(message) for name, pattern in self.rules)
+
+
+class EarlyRecords(logging.Handler):
+    """Holds the records logged before the run directory exists (DeepSpeed's at import, the data's warnings);
+    ``TrainLog`` writes them to train.log first and removes this handler from the root logger."""
+
+    def __init__(self, capacity: int = 10_000):
+        super().__init__(logging.INFO)
+        self.capacity, self.records = capacity, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.capacity:  # a rank that never opens train.log keeps no more than this
+            self.records.append(record)
+
+
+class _ToRoot(logging.Filter):
+    """On DeepSpeed's logger (which does not propagate and prints to stdout with its own format): hands each
+    record to the root logger's handlers instead (console, train.log) and stops DeepSpeed's own handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logging.getLogger().handle(record)
+        return False
+
+
+def console_logging(level: int = logging.INFO, stream=None) -> logging.Handler:
+    """The entry point's logging: records at ``level`` and above on ``stream`` (stderr), written above the
+    progress bars, in ``LOG_FORMAT``, without those of ``OFF_CONSOLE``; DeepSpeed's records and Python's warnings
+    go the same way (and to train.log); records before train.log opens are held for it.  Returns the console
+    handler."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    console = TqdmHandler(sys.stderr if stream is None else stream)
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    console.addFilter(OffConsole())
+    root.addHandler(console)
+    root.addHandler(EarlyRecords())
+    deepspeed_log = logging.getLogger("DeepSpeed")  # the same object DeepSpeed configures when imported later
+    if not any(isinstance(f, _ToRoot) for f in deepspeed_log.filters):
+        deepspeed_log.addFilter(_ToRoot())
+    logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings": above the bars and in train.log
+    return console
+
+
 class MetricsSink(Protocol):
     def on_step(self, stats: StepStats) -> None: ...
 
@@ -88,14 +167,19 @@ class ConsoleSink:
 
 class TrainLog:
     """``train.log``: a file handler on the root logger for the run's log records (opened at set-up, so that
-    the set-up's own lines are in it), and as a sink the step lines, written to this file only (the console
-    has them from ``ConsoleSink`` already)."""
+    the set-up's own lines are in it, and those held by ``EarlyRecords`` before it), and as a sink the step
+    lines, written to this file only (the console has them from ``ConsoleSink`` already)."""
 
     def __init__(self, path: Path, log_every: int):
         self.log_every = log_every
         self.handler = logging.FileHandler(path)
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(self.handler)
+        self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root = logging.getLogger()
+        for early in [h for h in root.handlers if isinstance(h, EarlyRecords)]:
+            root.removeHandler(early)
+            for record in early.records:
+                self.handler.handle(record)
+        root.addHandler(self.handler)
 
     def on_step(self, stats: StepStats) -> None:
         if reports(stats.step, self.log_every):

@@ -11,8 +11,8 @@ from ..parallel import RankLayout
 
 
 def build_trainable_model(cfg: TrainConfig, device: torch.device):
-    """(model, tokenizer) for training (in train mode), refusing what DeepSpeed cannot train (float64 gradients) or what the
-    config contradicts (bf16 optimizer states of a non-bf16 model) with the key to change."""
+    """(model, tokenizer) for training (in train mode), refusing what DeepSpeed cannot train (float64 gradients)
+    or what the config contradicts (bf16 optimizer states of a non-bf16 model) with the key to change."""
     if cfg.model.dtype == "float64":
         raise ConfigError("model.dtype=float64 is for the API's exactness checks; DeepSpeed does not reduce "
                           "float64 gradients, so train in float32 or bfloat16")

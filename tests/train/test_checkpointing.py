@@ -77,6 +77,37 @@ def test_run_directory_checks(tmp_path):
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "latest").write_text("step00000001")
     check_run_dir(run, resume=True, checkpointer=ckpt)
+    with pytest.raises(ConfigError, match="already holds an earlier run with a training checkpoint .* continue it "
+                                          "with checkpoint.resume=true"):
+        check_run_dir(run, resume=False, checkpointer=ckpt)
+
+
+def test_a_directory_without_a_run_is_named_and_resume_is_not_suggested(tmp_path):
+    """A non-empty checkpoint.dir holding no run (notes, data) is not "an earlier run": the refusal says what is
+    there, and does not suggest checkpoint.resume, which would fail."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("x")
+    ckpt = DeepSpeedCheckpointer(run / "checkpoints", keep=1)
+    with pytest.raises(ConfigError) as err:
+        check_run_dir(run, resume=False, checkpointer=ckpt)
+    assert str(err.value) == (f"checkpoint.dir={str(run)!r} holds 1 file (notes.txt) and no run: choose an empty or "
+                              "new checkpoint.dir")
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (run / name).write_text("x")
+    (run / "data").mkdir()
+    with pytest.raises(ConfigError, match=r"holds 4 files and 1 folder \(a.txt, b.txt, c.txt, ... 2 more\) and no "
+                                          "run") as err:
+        check_run_dir(run, resume=False, checkpointer=ckpt)
+    assert "resume" not in str(err.value)
+    (run / "train.log").write_text("x")  # a finished run without training checkpoints: nothing to resume either
+    with pytest.raises(ConfigError, match="already holds an earlier run .* with no training checkpoint") as err:
+        check_run_dir(run, resume=False, checkpointer=ckpt)
+    assert "checkpoint.resume" not in str(err.value)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        check_run_dir(afile, resume=False, checkpointer=ckpt)
 
 
 class MemoryCheckpointer(Checkpointer):

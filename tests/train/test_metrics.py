@@ -104,3 +104,56 @@ def test_a_resumed_run_continues_metrics_jsonl(tmp_path):
     assert [r["step"] for r in after] == [1, 2, 3]
     assert after[:2] == before[:2] and after[2] == asdict(history[2])
     assert after[2]["loss"] == pytest.approx(before[2]["loss"], rel=1e-6)  # the redone step is the same step
+
+
+@pytest.fixture
+def entry_logging():
+    """``console_logging`` as the entry point installs it, undone afterwards (it configures the root logger)."""
+    root, deepspeed_log = logging.getLogger(), logging.getLogger("DeepSpeed")
+    saved = (root.handlers[:], root.level, deepspeed_log.filters[:])
+    yield
+    root.handlers[:], deepspeed_log.filters[:] = saved[0], saved[2]
+    root.setLevel(saved[1])
+    logging.captureWarnings(False)
+
+
+def test_log_lines_print_above_the_bar_and_deepspeed_notices_reach_train_log_only(tmp_path, capsys,
+                                                                                   entry_logging):
+    import io
+    import warnings
+
+    from rollout_dist.train.metrics import console_logging
+    stream = io.StringIO()
+    console_logging(stream=stream)
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    # before the run directory exists (DeepSpeed warns at import): held for train.log
+    deepspeed_log.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to "
+                          "detect it.")
+    logging.getLogger("rollout_dist.data").warning("skipping a.txt: 1 token(s)")
+    sink = TrainLog(tmp_path / "train.log", log_every=1)
+    try:
+        bar = ConsoleSink(max_steps=2, start_step=0, log_every=1)
+        bar.bar.fp = stream  # the bar on the same stream as the log lines, as on a terminal
+        bar.on_step(stats(1))
+        deepspeed_log.warning("total_num_steps 2 is less than warmup_num_steps 4")
+        deepspeed_log.warning("a DeepSpeed warning that matters")
+        logging.getLogger("rollout_dist").info("saved training checkpoint run/checkpoints/step00000001")
+        warnings.warn("a deprecation", FutureWarning)
+        bar.on_step(stats(2))
+        bar.close()
+    finally:
+        sink.close()
+    console = stream.getvalue()
+    lines = [seg for line in console.split("\n") for seg in line.split("\r") if seg.strip()]
+    assert any(seg.endswith("INFO rollout_dist: saved training checkpoint run/checkpoints/step00000001")
+               and seg.startswith("20") for seg in lines), lines  # a line of its own, not after the bar
+    assert "WARNING DeepSpeed: a DeepSpeed warning that matters" in console
+    assert "skipping a.txt" in console and "FutureWarning: a deprecation" in console
+    assert "Setting accelerator" not in console and "warmup_num_steps" not in console
+    assert "Setting accelerator" not in capsys.readouterr().out  # nor by DeepSpeed's own handler on stdout
+    log_text = (tmp_path / "train.log").read_text()
+    for line in ("WARNING DeepSpeed: Setting accelerator to CPU", "WARNING rollout_dist.data: skipping a.txt",
+                 "WARNING DeepSpeed: total_num_steps 2 is less than warmup_num_steps 4", "saved training checkpoint",
+                 "FutureWarning: a deprecation"):
+        assert line in log_text, line
+    assert log_text.index("Setting accelerator") < log_text.index("skipping a.txt") < log_text.index("saved training")
