@@ -4,7 +4,8 @@ Baseline (as ../shared/bench/baseline_hf_fullseq.py): HF LlamaForCausalLM, bf16,
 fused AdamW, one whole document per step.  Ours: the same model and optimizer, one step =
 ``ExactRollout.run`` (one rollout per variant, kept across steps) + ``opt.step()``.  Each step is timed with
 synchronisation after a warm-up step; the figure is the minimum over timed steps.  FLOPs = 6*N*T + 6*L*H*T^2
-against a bf16 matmul peak measured in the same call.  One JSON line per measurement to stdout and $OUT/rollout_vs_hf.jsonl; a table last.
+against a bf16 matmul peak measured in the same call.  One JSON line per measurement to stdout and
+$OUT/rollout_vs_hf.jsonl; a table last.
 
     python bench/rollout_vs_hf.py --model tinyllama_1b --hf 131072 --ours 262144 --chunk 4096
 """
