@@ -2,6 +2,7 @@
 # Issue 12 [seams] on one H200 (< 10 min). Carry .whl/ (../shared/device/make-wheels.sh, plus an xxhash wheel for
 # Python 3.12) and .old/ (the engine before the seams: `git archive 145fefc rollout_dist bench | tar -x -C .old`).
 #   bash bench/device/seams.sh [VARIANTS...]   (default: cudnn+keep:16384 cudnn+kv:16384)
+#   bash bench/device/seams.sh final           # the final tree: every GPU test and the trainer's 131K step
 #   bash bench/device/seams.sh trainer         # the trainer before and after its split into roles, TinyLlama
 #                                              # shape at 131,072 tokens, chunk size and kept outputs picked from
 #                                              # GPU memory (the memory planner's GPU path), ZeRO-1, 2 steps each
@@ -14,6 +15,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export TORCH_CUDA_ARCH_LIST=9.0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$PWD
+if [ "${1:-}" = final ]; then  # the final tree only: every GPU test, and the trainer's 131K step
+  PYTHONPATH=/tmp/site:$ROOT python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" \
+    | tail -3
+  PYTHONPATH=/tmp/site:$ROOT python3 bench/train_long.py --tokens 131072 --steps 2 -- model=tinyllama_1b \
+    rollout.chunk_size=0 rollout.keep_attention=true trainer.zero_stage=1 2>&1 | tee "$OUT/trainer_final.log" \
+    | grep '^{' | cut -c1-600
+  exit 0
+fi
 if [ "${1:-}" = trainer ]; then
   for tree in old new; do
     dir=$ROOT; [ $tree = old ] && dir=$ROOT/.old
