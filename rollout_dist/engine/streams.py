@@ -18,19 +18,11 @@ who pass none get ``StreamKey.from_default_generator()``, which takes one draw f
 """
 from __future__ import annotations
 
-import struct
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import xxhash
 
-_MASK63 = (1 << 63) - 1
-
-
-def _derive(*parts: int) -> int:
-    """A 63-bit seed from integers: xxhash64 of their little-endian signed 64-bit encoding."""
-    return xxhash.xxh64_intdigest(struct.pack(f"<{len(parts)}q", *parts)) & _MASK63
+from ..seeding import MASK63, derive_seed, seeded
 
 
 @dataclass(frozen=True)
@@ -44,29 +36,15 @@ class StreamKey:
     @classmethod
     def from_default_generator(cls) -> StreamKey:
         """A fresh key drawn from the default CPU generator (one draw): for API calls that pass none."""
-        return cls(seed=int(torch.randint(0, _MASK63, (), dtype=torch.int64)), step=0, document=0)
+        return cls(seed=int(torch.randint(0, MASK63, (), dtype=torch.int64)), step=0, document=0)
 
     def seed_for(self, chunk: int, layer: int = -1) -> int:
         """The generator seed of ``chunk``'s draws in global decoder layer ``layer`` (-1: outside the layers)."""
-        return _derive(self.seed, self.step, self.document, chunk, layer)
+        return derive_seed(self.seed, self.step, self.document, chunk, layer)
 
-    @contextmanager
     def scope(self, chunk: int, layer: int = -1, device: torch.device | None = None):
         """Seeds the default CPU generator (and ``device``'s, if CUDA) for (chunk, layer); restores both after."""
-        cuda = device is not None and device.type == "cuda"
-        cpu_state = torch.get_rng_state()
-        cuda_state = torch.cuda.get_rng_state(device) if cuda else None
-        seed = self.seed_for(chunk, layer)
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.default_generators[index].manual_seed(seed)
-        try:
-            yield
-        finally:
-            torch.set_rng_state(cpu_state)
-            if cuda:
-                torch.cuda.set_rng_state(cuda_state, device)
+        return seeded(self.seed_for(chunk, layer), device)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "step": self.step, "document": self.document}

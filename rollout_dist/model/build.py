@@ -9,13 +9,12 @@ whole model gets.  A model loaded from ``model.path`` is read on the CPU, trimme
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
 import torch
-import xxhash
 
 from ..config import ConfigError, ModelConfig
+from ..seeding import derive_seed, seeded
 from ..tokenizer import byte_tokenizer
 from .stage import global_name
 
@@ -72,10 +71,6 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | Non
     return model, tokenizer
 
 
-def _module_seed(seed: int, name: str) -> int:
-    return xxhash.xxh64_intdigest(struct.pack("<q", seed) + name.encode()) & ((1 << 63) - 1)
-
-
 @torch.no_grad()
 def materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Places ``model`` (possibly trimmed to a pipeline stage) on ``device``.  Parameters still on the meta device
@@ -96,17 +91,6 @@ def materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
 def _initialize_keyed(model: torch.nn.Module, device: torch.device) -> None:
     info = getattr(model, "rollout_stage", None)
     model.to_empty(device=device)
-    generators = [torch.default_generator]
-    if device.type == "cuda":
-        generators.append(torch.cuda.default_generators[device.index if device.index is not None
-                                                         else torch.cuda.current_device()])
-    outer = [g.get_state() for g in generators]
-    try:
-        for name, module in model.named_modules():
-            module_seed = _module_seed(model.rollout_init_seed, global_name(name, info))
-            for g in generators:
-                g.manual_seed(module_seed)
+    for name, module in model.named_modules():
+        with seeded(derive_seed(model.rollout_init_seed, global_name(name, info)), device):
             model._init_weights(module)
-    finally:
-        for g, state in zip(generators, outer):
-            g.set_state(state)

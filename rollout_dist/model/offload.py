@@ -333,10 +333,6 @@ class OffloadedKVState(KVState):
                                                slots=len(self.rings[kind].slots), zero=True, stream=stream,
                                                pool=self.pool) for kind in ("k", "v")}
 
-    @property
-    def grads_allocated(self) -> bool:
-        return bool(self.dkeys) or bool(self.grad_rings)
-
     def _layer_tensor(self, kind: str, layer: int) -> torch.Tensor:
         """Offloaded layers: the host tensor (the slots only ever hold copies of it, written back as they change)."""
         if layer < self.offloaded:

@@ -41,6 +41,14 @@ class PipelineRollout(Rollout):
     def new_state(self, model: torch.nn.Module, batch: int, length: int) -> KVState:
         return CausalLMAdapter(model).new_state(batch, length)
 
+    def _stage_input(self, adapter: CausalLMAdapter, p2p: P2P, chunk_ids: torch.Tensor, grad: bool) -> torch.Tensor:
+        """A chunk's input to this stage: embedded on the first stage, else the hidden states the stage before
+        sends (a leaf that requires grad in the recompute, so its gradient can be sent back)."""
+        if adapter.has_embedding:
+            return adapter.embed(chunk_ids)
+        h = p2p.recv((*chunk_ids.shape, adapter.hidden_size), adapter.dtype, adapter.device, self.layout.prev_rank)
+        return h.requires_grad_(grad)
+
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
             loss_normalizer: float | None = None, backward: BackwardFn | None = None,
             spans: list[tuple[int, int]] | None = None, state: KVState | None = None,
@@ -63,10 +71,7 @@ class PipelineRollout(Rollout):
             return (batch, e - s, adapter.hidden_size)
 
         def stage_input(s, e, grad: bool):
-            if adapter.has_embedding:
-                return adapter.embed(doc.input_ids[:, s:e])
-            h = p2p.recv(hidden_shape(s, e), dtype, device, lay.prev_rank)
-            return h.requires_grad_(grad)
+            return self._stage_input(adapter, p2p, doc.input_ids[:, s:e], grad)
 
         def layers(c, h, phase):
             return adapter.forward_layers(h, spans[c][0], state, phase=phase, kernel=self.kernel,
@@ -136,15 +141,12 @@ class PipelineRollout(Rollout):
         states stream through the stages; the last stage returns the last chunk's logits, the others None."""
         adapter = CausalLMAdapter(model)
         input_ids, start, end, stream = self.begin_fill(adapter, input_ids, state, stream)
-        batch, device, lay, p2p = input_ids.shape[0], adapter.device, self.layout, P2P()
+        device, lay, p2p = adapter.device, self.layout, P2P()
         h = None
         with adapter.chunk_attention(), torch.no_grad():
             for s, e in fixed_spans(end, self.chunk_size, start):
                 c = state.fill_chunks
-                if adapter.has_embedding:
-                    h = adapter.embed(input_ids[:, s - start:e - start])
-                else:
-                    h = p2p.recv((batch, e - s, adapter.hidden_size), adapter.dtype, device, lay.prev_rank)
+                h = self._stage_input(adapter, p2p, input_ids[:, s - start:e - start], grad=False)
                 h = adapter.forward_layers(h, s, state, phase="fill", kernel=self.kernel,
                                            layer_scope=lambda layer, c=c: stream.scope(c, layer, device))
                 if not adapter.has_head:

@@ -1,6 +1,7 @@
 """Pipeline stages on CPU (gloo, two processes): a stage's carried state stopped at a fill boundary, saved, loaded
 into a fresh state and continued gives the uninterrupted result bit for bit, and with dropout on, pp=2 gives one
-process's gradients (the masks are keyed by the global layer index, not by the stage)."""
+process's gradients (the masks are keyed by the global layer index, not by the stage); a fill-only pass through
+the stages gives HF's logits."""
 import os
 import socket
 
@@ -35,6 +36,9 @@ def _stage(rank: int, port: int, results):
         model = tiny_model("llama", num_hidden_layers=4, attention_dropout=0.25)
         model.train()
         ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(61))
+        with torch.no_grad():
+            hf_logits = model.eval()(ids).logits  # the fill-only pass's reference (no dropout)
+        model.train()
         one = ExactRollout(4).run(model, ids, stream=KEY)  # one process, the whole model: the reference
         reference = _grads(model)
         model.zero_grad(set_to_none=True)
@@ -55,10 +59,17 @@ def _stage(rank: int, port: int, results):
         fresh.load_state_dict(saved)
         continued = second.run(model, ids, state=fresh)
         resumed = _grads(model)
+
+        model.eval()  # a fill-only pass over a kept state, in two calls, hidden states streaming between stages
+        session = second.new_state(model, 2, 23)
+        second.fill(model, ids[:, :10], session)
+        logits = second.fill(model, ids[:, 10:], session)
+        fill_error = None if logits is None else (logits - hf_logits[:, 23 - logits.shape[1]:]).abs().max().item()
         results[rank] = {
             "stage_layers": saved["layers"].tolist(), "partial_complete": partial.complete,
             "bitwise": all(torch.equal(resumed[n], g) for n, g in uninterrupted.items()),
-            "loss_equal": continued.loss_sum == whole.loss_sum,
+            "loss_equal": continued.loss_sum == whole.loss_sum, "fill_error": fill_error,
+            "fill_position": session.boundary.position,
             "loss_vs_one": (whole.loss_sum, one.loss_sum),
             "vs_one_process": max(((uninterrupted[n] - reference[n]).norm() / reference[n].norm()).item()
                                   for n in uninterrupted if n in names or n.removeprefix("model.") in names)}
@@ -76,5 +87,7 @@ def test_pipeline_state_continues_bit_for_bit_and_dropout_matches_one_process():
         assert not r["partial_complete"] and r["bitwise"], (rank, r)
         assert r["vs_one_process"] <= 1e-10, (rank, r)
     assert results[1]["loss_equal"]
+    assert results[0]["fill_error"] is None and results[1]["fill_error"] <= 1e-12  # logits on the last stage
+    assert results[0]["fill_position"] == results[1]["fill_position"] == 23
     ours, one = results[1]["loss_vs_one"]
     assert abs(ours - one) <= 1e-12 * one
