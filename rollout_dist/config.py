@@ -8,8 +8,9 @@ Hydra's own errors about the command line into the same one line.  This module d
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Optional, get_type_hints
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -227,22 +228,57 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "runs/default"
-    """Run directory: logs, TensorBoard events, the resolved config, training checkpoints (``checkpoints/``)
-    and the final HF model (``final/``). Without ``resume`` it must be new or empty: nothing of an earlier
-    run, or anything else, is overwritten."""
+    """Run directory: logs, TensorBoard events, the resolved config, the snapshot store (``state.zarr``) and the
+    final HF model (``final/``). Without ``resume`` it must be new or empty: nothing of an earlier run, or
+    anything else, is overwritten."""
+    store: Optional[str] = None
+    """Where snapshots go: a Zarr v3 store at a local or shared POSIX path, or any fsspec URL (s3://, gs://,
+    memory://, ...; its fsspec backend installed). None: ``<dir>/state.zarr``. Format: docs/checkpoints.md."""
     save_final: bool = True
     every: int = 0
-    """Save a training checkpoint (DeepSpeed: weights, optimizer, LR schedule; plus step, data position and
-    random state) every this many steps and at the end; 0: none."""
+    """Snapshot the training state (weights, optimizer, LR schedule, step, every rank's data position and random
+    state) every this many steps and at the end; 0: none."""
     keep: int = 2
-    """Training checkpoints kept; older ones are deleted once a newer one is complete."""
-    resume: bool = False
-    """Continue the run in ``dir`` from its newest complete training checkpoint (same config, same layout)."""
+    """Newest valid snapshots kept; older ones are deleted once a newer one is committed."""
+    keep_every: int = 0
+    """Also keep every snapshot whose step is a multiple of this (0: none)."""
+    chunk_every: int = 0
+    """Inside a long document, also snapshot the carried K/V after every this many chunks of the fill pass
+    (appending only the new chunks), so a run killed inside the document resumes there. 0: off. Exact mode, one
+    pipeline stage; useful with ``every=1`` (a chunk snapshot continues from the step's starting snapshot)."""
+    background: bool = True
+    """Persist snapshots on a background thread (training waits only for the copy to host memory)."""
+    commit_timeout_s: float = 600.0
+    """How long rank 0 waits for the other ranks' parts of a snapshot before giving up on that version."""
+    resume: Any = False
+    """Continue the run in ``dir``: ``latest`` (or true) for the newest valid snapshot, or a version (``v000042``
+    or 42). Damaged versions are named and skipped; with none valid the run starts from scratch and says so."""
 
     def __post_init__(self):
         if self.every < 0:
             raise ConfigError(f"checkpoint.every must be 0 (off) or a number of steps, got {self.every}")
+        if self.chunk_every < 0 or self.keep_every < 0:
+            raise ConfigError("checkpoint.chunk_every and checkpoint.keep_every must be 0 (off) or positive")
         _positive("checkpoint.keep", self.keep)
+        if self.commit_timeout_s <= 0:
+            raise ConfigError(f"checkpoint.commit_timeout_s must be positive, got {self.commit_timeout_s}")
+        self.resume_version  # checks the value
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume not in (False, None, "false", "False", "")
+
+    @property
+    def resume_version(self) -> int | None:
+        """The step of the version ``resume`` names; None for latest (or no resume)."""
+        if not self.resuming or self.resume is True or str(self.resume).lower() in ("true", "latest"):
+            return None
+        text = str(self.resume).strip()
+        match = re.fullmatch(r"v?(\d+)", text)
+        if not match or isinstance(self.resume, float):
+            raise ConfigError(f"checkpoint.resume={self.resume!r}: use false, latest (or true), or a version such "
+                              "as v000042")
+        return int(match.group(1))
 
 
 @dataclass

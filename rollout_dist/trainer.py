@@ -26,7 +26,7 @@ from .engine import RandomStreams, Rollout, make_rollout
 from .engine.budget import PeakEstimate
 from .engine.rollout import ChunkHook
 from .parallel import RankLayout
-from .train.checkpointing import Checkpointer, DeepSpeedCheckpointer, check_run_dir
+from .train.checkpointing import Checkpointer, SnapshotCheckpointer, check_run_dir
 from .train.context import RunContext
 from .train.data_pipeline import DataPipeline
 from .train.engine_setup import initialize_engine
@@ -53,8 +53,9 @@ class Trainer:
         self.context = RunContext(cfg.trainer.device)
         self.device = self.context.device
         self.run_dir = Path(cfg.checkpoint.dir)
-        self.checkpointer: Checkpointer = DeepSpeedCheckpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
-        check_run_dir(self.run_dir, cfg.checkpoint.resume, self.checkpointer)
+        self.checkpointer: Checkpointer = SnapshotCheckpointer(cfg.checkpoint, self.run_dir, cfg.trainer.zero_stage,
+                                                               resolved_config)
+        check_run_dir(self.run_dir, cfg.checkpoint.resuming, self.checkpointer)
         torch.manual_seed(cfg.trainer.seed)
         self.model, self.tokenizer = build_trainable_model(cfg, self.device)
         self.data = DataPipeline(cfg.data, self.tokenizer, self.model.config.vocab_size, seed=cfg.trainer.seed,
@@ -98,7 +99,7 @@ class Trainer:
         self.engine = initialize_engine(cfg, self.model, layout, self.run_dir, self.device)
         self.checkpointer.bind(self.engine, self.context)
         self.memory = MemoryPlanner(cfg, self.rollout, self.engine.module, self.data, self.context)
-        if cfg.checkpoint.resume:
+        if cfg.checkpoint.resuming:
             self.resume()
         self.memory.plan()
         self._log_setup(counts)
@@ -119,8 +120,9 @@ class Trainer:
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.train_log = TrainLog(self.run_dir / "train.log", self.cfg.trainer.log_every)
-            if self.resolved_config is not None and not self.cfg.checkpoint.resume:
-                (self.run_dir / "config.yaml").write_text(self.resolved_config)
+            config = self.run_dir / "config.yaml"
+            if self.resolved_config is not None and not (self.cfg.checkpoint.resuming and config.exists()):
+                config.write_text(self.resolved_config)
         self.context.barrier()
 
     def _log_setup(self, stage_counts: list[int] | None) -> None:
@@ -160,17 +162,21 @@ class Trainer:
         self.checkpointer.save(self.step, self.state_dict())
 
     def resume(self) -> None:
-        """Loads the newest checkpoint into the engine and the loop."""
+        """Loads the snapshot ``checkpoint.resume`` names (or the newest valid one) into the engine and the loop;
+        with none valid the run starts from scratch."""
         state = self.checkpointer.load()
-        if not state:
-            raise ConfigError(f"could not load the training checkpoint in {self.checkpointer.location}")
+        if state is None:
+            return
         self.load_state_dict(state)
         log.info("resumed at step %d", self.step)
 
     def _checkpoint_if_due(self, stats: StepStats) -> None:
+        self.checkpointer.poll()  # a snapshot whose background write failed stops the run here
         every, last = self.cfg.checkpoint.every, self.cfg.trainer.max_steps
         if every and (stats.step % every == 0 or stats.step == last):
             self.save_checkpoint()
+            stats.snapshot_block_s = getattr(self.checkpointer, "last_block_s", None)
+            stats.snapshot_wait_s = getattr(self.checkpointer, "last_wait_s", None)
 
     # ------------------------------------------------------------------------------------------------ steps
     def accumulate(self, window: list[Document]) -> tuple[float, int, int]:
@@ -256,13 +262,14 @@ class Trainer:
         """The loop: each step's stats go to the metrics sinks, the checkpointer and the step hooks, in order."""
         sinks = self._open_sinks()
         reporters = [*sinks, self.train_log] if self.train_log is not None else sinks
-        hooks = [*(r.on_step for r in reporters), self._checkpoint_if_due, *self.step_hooks]
+        hooks = [self._checkpoint_if_due, *(r.on_step for r in reporters), *self.step_hooks]
         try:
             while self.step < self.cfg.trainer.max_steps:
                 stats = self.train_step()
                 self.history.append(stats)
                 for hook in hooks:
                     hook(stats)
+            self.checkpointer.close()  # the last snapshot is committed before the run reports success
         finally:
             for sink in sinks:
                 sink.close()

@@ -1,18 +1,24 @@
-"""Training checkpoints behind one interface: ``Checkpointer`` (exists / save / load), so that a second store
-(the Zarr store of rollout_dist.checkpoint) can replace DeepSpeed's without the loop changing.
+"""Training checkpoints behind one interface: ``Checkpointer`` (exists / save / load / poll / close), and its
+implementation on the Zarr snapshot store of rollout_dist.checkpoint (``SnapshotCheckpointer``).
 
-A checkpoint holds the engine's state (weights, optimizer, LR schedule) plus the loop's ``client_state``, which
-the trainer assembles from its roles' ``state_dict``s (step, data position, random state, history).  Whether
-a run directory may be used at all (``check_run_dir``) depends on whether it holds a checkpoint to resume.
+A snapshot holds the engine's state (weights, optimizer, LR schedule, step counters) plus the loop's
+``client_state``, which the trainer assembles from its roles' ``state_dict``s (step, data position, random state,
+history), from every rank.  Whether a run directory may be used at all (``check_run_dir``) depends on whether it
+holds snapshots to resume.
 """
 from __future__ import annotations
 
 import logging
-import shutil
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from ..config import ConfigError
+import torch
+
+from ..checkpoint import engine_state, tree
+from ..checkpoint.store import CorruptSnapshot, SnapshotError, SnapshotStore, VersionInfo, rank_name, version_name
+from ..checkpoint.writer import BackgroundWriter, HostCopy
+from ..config import CheckpointConfig, ConfigError
 from .context import RunContext
 
 log = logging.getLogger("rollout_dist")
@@ -47,43 +53,186 @@ class Checkpointer(ABC):
         """Loads the newest complete checkpoint into the engine and returns its ``client_state``; None if there
         is none that loads."""
 
+    def poll(self) -> None:
+        """Raises the error of a save that failed in the background (none here)."""
 
-class DeepSpeedCheckpointer(Checkpointer):
-    """DeepSpeed's own checkpoints: ``<directory>/stepXXXXXXXX/`` from every rank, and ``latest`` naming the
-    newest, which DeepSpeed writes only once the checkpoint is complete.  The ``keep`` newest are kept."""
+    def close(self) -> None:
+        """Waits for saves still being written; raises their errors."""
 
-    def __init__(self, directory: Path, keep: int):
-        self.directory, self.keep = Path(directory), keep
+
+class SnapshotCheckpointer(Checkpointer):
+    """Snapshots in the Zarr v3 store ``checkpoint.store`` (rollout_dist.checkpoint.store): every rank writes
+    its own arrays, a version counts once rank 0 has published its manifest, and reads are checked against it.
+
+    ``save`` blocks only while the state is copied to host memory (reported as ``last_block_s``; and
+    ``last_wait_s``, the time it waited for the previous snapshot's write); the write, fsync and commit run in
+    the background (``checkpoint.background``).  ``load`` takes ``checkpoint.resume`` (latest or a version),
+    falls back past damaged versions, and returns None where no version is valid."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, zero_stage: int, resolved_config: str | None = None):
+        self.cfg, self.zero_stage, self.resolved_config = cfg, zero_stage, resolved_config
+        self.store = SnapshotStore(cfg.store or str(Path(run_dir) / "state.zarr"))
+        self.writer = BackgroundWriter(background=cfg.background)
+        self.host = HostCopy()
+        self.role: dict | None = None
+        self.last_block_s = self.last_wait_s = None
 
     @property
     def location(self) -> str:
-        return str(self.directory)
+        return self.store.url
 
     def exists(self) -> bool:
-        return (self.directory / "latest").is_file()
+        try:
+            return any(v.valid for v in self.store.versions())
+        except OSError:
+            return False
 
+    def bind(self, engine, context: RunContext) -> None:
+        super().bind(engine, context)
+        self.role = engine_state.roles(context.layout, self.zero_stage)
+        if context.is_main:
+            try:
+                self.store.ensure_root()
+                gone = self.store.remove_incomplete()
+            except OSError as err:
+                raise SnapshotError(f"checkpoint store {self.location}: cannot be prepared: {err}") from None
+            if gone:
+                log.warning("removed half-written snapshot versions of an earlier attempt: %s", ", ".join(gone))
+        context.barrier()
+
+    def _meta(self) -> dict:
+        layout = self.context.layout
+        return {"layout": {"world": layout.world, "dp": layout.dp, "pp": layout.pp, "zero_stage": self.zero_stage},
+                "config": self.resolved_config}
+
+    # ------------------------------------------------------------------------------------------------- save
     def save(self, step: int, client_state: dict) -> None:
-        tag = f"step{step:08d}"
-        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state)
-        self.context.barrier()  # every rank's part is written before older checkpoints go
-        if self.context.is_main:
-            self._rotate()
-            log.info("saved training checkpoint %s", self.directory / tag)
+        self.last_wait_s = self.writer.wait()  # the previous snapshot is committed (or its error raised here)
+        t0 = time.perf_counter()
+        state = engine_state.capture(self.engine, self.role)
+        state["loop"] = client_state
+        skeleton, arrays = tree.split(state)
+        host = self.host(arrays)
+        self.last_block_s = time.perf_counter() - t0
+        rank, world, meta = self.context.rank, self.context.world, self._meta()
+        self.writer.submit(lambda: self._persist(step, rank, world, skeleton, host, meta))
 
-    def _rotate(self) -> None:
-        tags = sorted(p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in tags[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _persist(self, step: int, rank: int, world: int, skeleton, arrays: dict, meta: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.store.write_rank(step, rank, skeleton, arrays, self.role)
+            if rank == 0:
+                body = self.store.commit(step, world, meta, self.cfg.commit_timeout_s)
+                log.info("snapshot %s committed: %.2f GB in %.1f s (%s)", version_name(step), body["nbytes"] / 1e9,
+                         time.perf_counter() - t0, self.location)
+                self._retain()
+        except Exception as err:  # a full disk, a denied permission, a peer that never finished: say where
+            raise SnapshotError(f"checkpoint store {self.location}: writing snapshot {version_name(step)} failed: "
+                                f"{err}; the versions before it are intact: {self._valid_names()}") from None
 
+    def _valid_names(self) -> str:
+        try:
+            names = [v.name for v in self.store.valid_versions()]
+        except OSError:
+            return "(cannot list)"
+        return ", ".join(names) or "(none)"
+
+    def _retain(self) -> None:
+        """Keeps the ``keep`` newest valid versions and every ``keep_every``-th; deletes the others."""
+        valid = self.store.valid_versions()
+        newest = {v.step for v in valid[-self.cfg.keep:]}
+        for v in valid:
+            if v.step not in newest and not (self.cfg.keep_every and v.step % self.cfg.keep_every == 0):
+                self.store.delete(v.name)
+
+    def poll(self) -> None:
+        self.writer.check()
+
+    def close(self) -> None:
+        self.writer.wait()
+
+    # ------------------------------------------------------------------------------------------------- load
     def load(self) -> dict | None:
-        path, client_state = self.engine.load_checkpoint(str(self.directory))
-        if path is None:
-            return None
-        log.info("loaded training checkpoint %s", path)
-        return client_state
+        versions = self._candidates()
+        damaged: list[VersionInfo] = []
+        for v in reversed(versions):
+            self._check_layout(v)
+            parts, problem = None, None
+            try:
+                parts = self._read(v)
+            except CorruptSnapshot as err:
+                problem = str(err)
+                log.error("snapshot %s is damaged: %s", v.name, problem)
+            if self.context.smallest_over_ranks(int(problem is None)) == 0:
+                damaged.append(v)
+                log.warning("snapshot %s cannot be used (a rank found it damaged); falling back to the previous "
+                            "valid version", v.name)
+                continue
+            module, optimizer, own = parts
+            engine_state.restore(self.engine, module, optimizer, own, self.context.device)
+            log.info("loaded snapshot %s (step %d) from %s", v.name, v.step, self.location)
+            if self.context.is_main:
+                for bad in damaged:  # a later history that cannot be continued: the run rewrites those steps
+                    self.store.delete(bad.name)
+            self.context.barrier()
+            return own["loop"]
+        log.warning("no valid snapshot in %s%s: starting from scratch", self.location,
+                    f" (damaged: {', '.join(v.name for v in damaged)})" if damaged else "")
+        return None
 
+    def _candidates(self) -> list[VersionInfo]:
+        """The valid versions ``checkpoint.resume`` may load, oldest first (rank 0's listing, so that every rank
+        tries the same)."""
+        versions = self.store.valid_versions()
+        if self.context.world > 1:
+            box = [versions]
+            torch.distributed.broadcast_object_list(box, src=0)
+            versions = box[0]
+        target = self.cfg.resume_version
+        if target is None:
+            return versions
+        newer = [v.name for v in versions if v.step > target]
+        if not any(v.step == target for v in versions):
+            raise ConfigError(f"checkpoint.resume={self.cfg.resume}: {version_name(target)} is not a valid version "
+                              f"of {self.location}; valid: {', '.join(v.name for v in versions) or 'none'}")
+        if newer:
+            raise ConfigError(f"checkpoint.resume={self.cfg.resume}: {self.location} holds newer versions "
+                              f"({', '.join(newer)}) that continuing from {version_name(target)} would overwrite; "
+                              "resume latest, or copy the run directory and delete them there")
+        return [v for v in versions if v.step <= target]
 
-RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "summary.json", "checkpoints", "final", "tensorboard")
+    def _check_layout(self, v: VersionInfo) -> None:
+        saved, now = v.manifest["layout"], self._meta()["layout"]
+        if saved != now:
+            def words(x):
+                return (f"parallel.pp={x['pp']}, parallel.dp={x['dp']}, trainer.zero_stage={x['zero_stage']} "
+                        f"({x['world']} processes)")
+            raise ConfigError(f"snapshot {v.name} in {self.location} was written with {words(saved)}; this run has "
+                              f"{words(now)}: resume with the same layout")
+
+    def _read(self, v: VersionInfo) -> tuple[dict, dict, dict]:
+        """(model part, optimizer part, own part) of this rank, every array checked."""
+        cache: dict[int, dict] = {}
+
+        def part(rank: int, key: str | None = None):
+            if rank not in cache:
+                skeleton = v.manifest["ranks"].get(rank_name(rank), {}).get("tree")
+                if skeleton is None:
+                    raise CorruptSnapshot(f"{self.location} {v.name}: the manifest has no part of rank {rank}")
+                cache[rank] = skeleton
+            skeleton = cache[rank]
+            sub = skeleton["M"] if key is None else {k: e for k, e in skeleton["M"].items() if k in key.split(",")}
+            names = tree.array_names({"M": sub})
+            _, arrays = self.store.read_rank(v, rank_name(rank), names)
+            return tree.join({"M": sub}, arrays)
+
+        role = self.role
+        own = part(self.context.rank, "lr_scheduler,counters,loop")
+        module = part(role["model_from"], "module")
+        optimizer = part(role["optimizer_from"], "optimizer")
+        return module, optimizer, own
+
+RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "summary.json", "state.zarr", "final", "tensorboard")
 """What a run writes into its directory (trainer, metrics sinks, checkpointer, export)."""
 
 
@@ -102,13 +251,11 @@ def _describe(entries: list[Path]) -> str:
 
 
 def check_run_dir(run_dir: Path, resume: bool, checkpointer: Checkpointer) -> None:
-    """A run starts in an empty (or new) directory, or resumes one that holds a checkpoint: nothing of an earlier
-    run is overwritten, and a resume that has nothing to resume from is refused before anything is written.  The
-    refusal says what the directory holds, and suggests ``checkpoint.resume`` only where there is a checkpoint."""
-    if resume:
-        if not checkpointer.exists():
-            raise ConfigError(f"checkpoint.resume=true but checkpoint.dir={str(run_dir)!r} holds no training "
-                              f"checkpoint ({checkpointer.location}); start it with checkpoint.every=N")
+    """A run starts in an empty (or new) directory, or resumes one that holds a run: nothing of an earlier run is
+    overwritten unless resumed.  A resume of a run without a snapshot yet (its first attempt died before one) starts
+    from scratch there.  The refusal says what the directory holds, and suggests ``checkpoint.resume`` only where
+    there is a snapshot."""
+    if resume and checkpointer.exists():
         return
     if not run_dir.exists():
         return
@@ -122,6 +269,8 @@ def check_run_dir(run_dir: Path, resume: bool, checkpointer: Checkpointer) -> No
                           f"({checkpointer.location}); nothing is overwritten: continue it with "
                           "checkpoint.resume=true, or choose a new checkpoint.dir")
     if any(p.name in RUN_FILES for p in entries):
+        if resume:
+            return  # an earlier attempt that died before its first snapshot: the run starts from scratch
         raise ConfigError(f"checkpoint.dir={str(run_dir)!r} already holds an earlier run ({_names(entries)}) with "
                           "no training checkpoint to resume; nothing is overwritten: choose a new checkpoint.dir or "
                           "move that run away")

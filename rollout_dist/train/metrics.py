@@ -48,6 +48,10 @@ class StepStats:
     lr: float
     """The learning rate this step applied."""
     grad_norm: float | None
+    snapshot_block_s: float | None = None
+    """Seconds this step's snapshot blocked training (copy to host memory); None: no snapshot."""
+    snapshot_wait_s: float | None = None
+    """Seconds the snapshot waited for the previous one's background write (a store slower than training)."""
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -1,0 +1,88 @@
+"""Snapshots taken to host memory at once and persisted in the background while training goes on.
+
+``HostCopy`` copies a snapshot's tensors into host buffers it keeps from one snapshot to the next (pinned for GPU
+tensors, so the copy runs at PCIe speed and the GPU is blocked only for it).  ``BackgroundWriter`` runs one
+persist job at a time on a thread; a new snapshot waits for the previous job (so at most one snapshot is in host
+memory, and a store slower than training shows as waiting, which is reported), and an error of a job is raised
+in the training thread at the next ``check``, ``submit`` or ``wait``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import torch
+
+
+class HostCopy:
+    """Host copies of tensors, in buffers reused across snapshots (keyed by name)."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out, cuda = {}, False
+        for name, t in tensors.items():
+            t = t.detach()
+            buf = self._buffers.get(name)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                pin = t.device.type == "cuda"
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+                self._buffers[name] = buf
+            cuda |= t.device.type == "cuda"
+            buf.copy_(t, non_blocking=t.device.type == "cuda")
+            out[name] = buf
+        for name in set(self._buffers) - set(tensors):
+            del self._buffers[name]
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+class BackgroundWriter:
+    """One persist job at a time, on a daemon thread."""
+
+    def __init__(self, name: str = "snapshot-writer", background: bool = True):
+        self.name, self.background = name, background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def check(self) -> None:
+        """Raises the error of a finished job, once."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def wait(self) -> float:
+        """Waits for the running job; returns the seconds waited.  Raises its error."""
+        t0 = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        waited = time.perf_counter() - t0
+        self.check()
+        return waited
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Runs ``job`` (in the background, or here when ``background`` is off) after the previous one."""
+        self.wait()
+        if not self.background:
+            job()
+            return
+
+        def run():
+            try:
+                job()
+            except BaseException as err:  # handed to the training thread
+                self._error = err
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
