@@ -157,15 +157,15 @@ def test_console_is_quiet_and_log_lines_print_above_the_bar(tmp_path, docs):
     for seg in rendered_segments(proc.stderr):
         if any(mark in seg for mark in bar):
             assert " rollout_dist: " not in seg and "Warning" not in seg and " WARNING " not in seg, seg
-    saved = [seg for seg in rendered_segments(proc.stderr) if "saved training checkpoint" in seg]
-    assert len(saved) == 3 and all(" INFO rollout_dist: saved training checkpoint" in s for s in saved), saved
+    saved = [seg for seg in rendered_segments(proc.stderr) if "snapshot v0000" in seg and "committed" in seg]
+    assert len(saved) == 3 and all(" INFO rollout_dist: snapshot v0000" in s for s in saved), saved
     assert "step     1" in proc.stdout and "train: 100%" in proc.stderr and " done: 3 steps" in proc.stderr
     log = (run_dir / "train.log").read_text()
     assert "WARNING DeepSpeed: total_num_steps 3 is less than warmup_num_steps 4" in log
     import torch
     if not torch.cuda.is_available():  # DeepSpeed's accelerator detection, before the run directory existed
         assert "WARNING DeepSpeed: Setting accelerator to CPU" in log
-    assert log.index("data: ") < log.index("step     1") < log.index("saved training checkpoint") < log.index("done:")
+    assert log.index("data: ") < log.index("step     1") < log.index("snapshot v000001 committed") < log.index("done:")
 
 
 def test_earlier_run_is_not_overwritten(tmp_path, docs):

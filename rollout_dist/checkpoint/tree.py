@@ -122,13 +122,13 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 def from_numpy(a: np.ndarray, torch_dtype: str) -> torch.Tensor:
     dtype = getattr(torch, torch_dtype)
     if dtype == torch.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(np.require(a, requirements="C").view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.require(a, requirements="C"))
 
 
 def checksum(a: np.ndarray) -> str:
     """xxh3-64 of an array's C-order bytes, as 16 hex digits."""
-    return xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return xxhash.xxh3_64_hexdigest(memoryview(np.require(a, requirements="C")).cast("B"))
 
 
 def dtype_name(t: torch.Tensor) -> str:

@@ -4,7 +4,8 @@
 tensors, so the copy runs at PCIe speed and the GPU is blocked only for it).  ``BackgroundWriter`` runs one
 persist job at a time on a thread; a new snapshot waits for the previous job (so at most one snapshot is in host
 memory, and a store slower than training shows as waiting, which is reported), and an error of a job is raised
-in the training thread at the next ``check``, ``submit`` or ``wait``.
+in the training thread at the next ``check``, ``submit`` or ``wait``.  What a job returns (a line to log) is
+handed to the training thread too (``finished``), so that log lines never come from the writer's thread.
 """
 from __future__ import annotations
 
@@ -51,10 +52,22 @@ class BackgroundWriter:
         self.name, self.background = name, background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._finished: list = []
+        self._lock = threading.Lock()
 
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def finished(self) -> list:
+        """What the jobs finished since the last call returned (oldest first)."""
+        with self._lock:
+            out, self._finished = self._finished, []
+        return out
+
+    def _done(self, result) -> None:
+        with self._lock:  # the list is swapped by ``finished``: append to the current one, after the job
+            self._finished.append(result)
 
     def check(self) -> None:
         """Raises the error of a finished job, once."""
@@ -72,16 +85,16 @@ class BackgroundWriter:
         self.check()
         return waited
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], object]) -> None:
         """Runs ``job`` (in the background, or here when ``background`` is off) after the previous one."""
         self.wait()
         if not self.background:
-            job()
+            self._done(job())
             return
 
         def run():
             try:
-                job()
+                self._done(job())
             except BaseException as err:  # handed to the training thread
                 self._error = err
         self._thread = threading.Thread(target=run, name=self.name, daemon=True)

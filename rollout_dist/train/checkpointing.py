@@ -117,15 +117,17 @@ class SnapshotCheckpointer(Checkpointer):
         rank, world, meta = self.context.rank, self.context.world, self._meta()
         self.writer.submit(lambda: self._persist(step, rank, world, skeleton, host, meta))
 
-    def _persist(self, step: int, rank: int, world: int, skeleton, arrays: dict, meta: dict) -> None:
+    def _persist(self, step: int, rank: int, world: int, skeleton, arrays: dict, meta: dict) -> str | None:
+        """The background job of one snapshot; returns the line the training thread logs."""
         t0 = time.perf_counter()
         try:
             self.store.write_rank(step, rank, skeleton, arrays, self.role)
             if rank == 0:
                 body = self.store.commit(step, world, meta, self.cfg.commit_timeout_s)
-                log.info("snapshot %s committed: %.2f GB in %.1f s (%s)", version_name(step), body["nbytes"] / 1e9,
-                         time.perf_counter() - t0, self.location)
                 self._retain()
+                return (f"snapshot {version_name(step)} committed: {body['nbytes'] / 1e9:.2f} GB written in "
+                        f"{time.perf_counter() - t0:.1f} s ({self.location})")
+            return None
         except Exception as err:  # a full disk, a denied permission, a peer that never finished: say where
             raise SnapshotError(f"checkpoint store {self.location}: writing snapshot {version_name(step)} failed: "
                                 f"{err}; the versions before it are intact: {self._valid_names()}") from None
@@ -146,13 +148,23 @@ class SnapshotCheckpointer(Checkpointer):
                 self.store.delete(v.name)
 
     def poll(self) -> None:
+        self._log_finished()
         self.writer.check()
 
     def close(self) -> None:
-        self.writer.wait()
+        try:
+            self.writer.wait()
+        finally:
+            self._log_finished()
+
+    def _log_finished(self) -> None:
+        for line in self.writer.finished():
+            if line:
+                log.info("%s", line)
 
     # ------------------------------------------------------------------------------------------------- load
     def load(self) -> dict | None:
+        self.writer.wait()  # a snapshot of this process still being written counts
         versions = self._candidates()
         damaged: list[VersionInfo] = []
         for v in reversed(versions):
@@ -267,7 +279,7 @@ def check_run_dir(run_dir: Path, resume: bool, checkpointer: Checkpointer) -> No
     if checkpointer.exists():
         raise ConfigError(f"checkpoint.dir={str(run_dir)!r} already holds an earlier run with a training checkpoint "
                           f"({checkpointer.location}); nothing is overwritten: continue it with "
-                          "checkpoint.resume=true, or choose a new checkpoint.dir")
+                          "checkpoint.resume=latest, or choose a new checkpoint.dir")
     if any(p.name in RUN_FILES for p in entries):
         if resume:
             return  # an earlier attempt that died before its first snapshot: the run starts from scratch

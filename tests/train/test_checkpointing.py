@@ -1,56 +1,25 @@
-"""Checkpointing behind the ``Checkpointer`` interface: DeepSpeed's layout, rotation and round trip; the run
-directory checks; and a second store plugged into the trainer through the same interface."""
+"""Checkpointing behind the ``Checkpointer`` interface: the snapshot checkpointer's round trip of a real engine;
+the run directory checks; and a second store plugged into the trainer through the same interface."""
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
 from rollout_dist.config import ConfigError
-from rollout_dist.train.checkpointing import Checkpointer, DeepSpeedCheckpointer, check_run_dir
+from rollout_dist.config import CheckpointConfig
+from rollout_dist.train.checkpointing import Checkpointer, SnapshotCheckpointer, check_run_dir
 from rollout_dist.train.context import RunContext
 from tests.test_trainer import make_trainer
 
 
-class FakeEngine:
-    """What DeepSpeed's engine does on disk that the checkpointer relies on: a directory per tag from every rank,
-    ``latest`` written once the checkpoint is complete; ``load_checkpoint`` follows ``latest``."""
-
-    def __init__(self):
-        self.loaded = None
-
-    def save_checkpoint(self, directory, tag, client_state):
-        (Path(directory) / tag).mkdir(parents=True)
-        torch.save(client_state, Path(directory) / tag / "client.pt")
-        (Path(directory) / "latest").write_text(tag)
-
-    def load_checkpoint(self, directory):
-        latest = Path(directory) / "latest"
-        if not latest.is_file():
-            return None, None
-        path = Path(directory) / latest.read_text()
-        self.loaded = path.name
-        return str(path), torch.load(path / "client.pt")
-
-
-def test_deepspeed_layout_rotation_and_load(tmp_path):
-    ckpt = DeepSpeedCheckpointer(tmp_path / "checkpoints", keep=2)
-    ckpt.bind(FakeEngine(), RunContext("cpu"))
-    assert not ckpt.exists()
-    for step in (3, 6, 9):
-        ckpt.save(step, {"step": step, "order": {"position": step}})
-    assert ckpt.exists()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step00000006", "step00000009"]
-    assert ckpt.load() == {"step": 9, "order": {"position": 9}}
-    assert ckpt.engine.loaded == "step00000009"
-
-
-def test_deepspeed_round_trip_of_engine_and_client_state(tmp_path):
-    """A real engine: the checkpoint restores weights and optimizer state that training changed afterwards."""
+def test_snapshot_round_trip_of_engine_and_client_state(tmp_path):
+    """A real engine: the snapshot restores weights, optimizer state and the loop's state that training changed
+    afterwards."""
     trainer = make_trainer(tmp_path, grad_accum=1, lr=1e-2)
     trainer.setup()
     trainer.train_step()
     saved = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    moments = copy.deepcopy(trainer.engine.optimizer.state_dict()["state"])
     trainer.save_checkpoint()
     client = copy.deepcopy(trainer.state_dict())
     trainer.train_step()
@@ -60,25 +29,33 @@ def test_deepspeed_round_trip_of_engine_and_client_state(tmp_path):
     assert torch.equal(loaded["cpu_rng"], client["cpu_rng"])
     for n, p in trainer.engine.module.named_parameters():
         assert torch.equal(p, saved[n]), n
-    assert trainer.checkpointer.location.endswith("run/checkpoints")
+    after = trainer.engine.optimizer.state_dict()["state"]
+    for i, st in moments.items():
+        assert torch.equal(after[i]["exp_avg"], st["exp_avg"]) and torch.equal(after[i]["step"], st["step"])
+    assert trainer.engine.global_steps == 1
+    assert trainer.checkpointer.location.endswith("run/state.zarr")
 
 
 def test_run_directory_checks(tmp_path):
     run = tmp_path / "run"
-    ckpt = DeepSpeedCheckpointer(run / "checkpoints", keep=1)
+    ckpt = SnapshotCheckpointer(CheckpointConfig(dir=str(run)), run, zero_stage=0)
     check_run_dir(run, resume=False, checkpointer=ckpt)  # new: fine
     run.mkdir()
     check_run_dir(run, resume=False, checkpointer=ckpt)  # empty: fine
-    with pytest.raises(ConfigError, match="holds no training checkpoint"):
-        check_run_dir(run, resume=True, checkpointer=ckpt)
+    check_run_dir(run, resume=True, checkpointer=ckpt)  # nothing to resume yet: starts from scratch
     (run / "train.log").write_text("x")
     with pytest.raises(ConfigError, match="already holds an earlier run"):
         check_run_dir(run, resume=False, checkpointer=ckpt)
-    (run / "checkpoints").mkdir()
-    (run / "checkpoints" / "latest").write_text("step00000001")
+    check_run_dir(run, resume=True, checkpointer=ckpt)  # an attempt that died before its first snapshot
+    store = ckpt.store
+    store.ensure_root()
+    store.write_rank(1, 0, {"M": {}}, {}, role={})
+    assert not ckpt.exists()  # written, not committed
+    store.commit(1, world=1, meta={})
+    assert ckpt.exists()
     check_run_dir(run, resume=True, checkpointer=ckpt)
     with pytest.raises(ConfigError, match="already holds an earlier run with a training checkpoint .* continue it "
-                                          "with checkpoint.resume=true"):
+                                          "with checkpoint.resume=latest"):
         check_run_dir(run, resume=False, checkpointer=ckpt)
 
 
@@ -88,7 +65,7 @@ def test_a_directory_without_a_run_is_named_and_resume_is_not_suggested(tmp_path
     run = tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("x")
-    ckpt = DeepSpeedCheckpointer(run / "checkpoints", keep=1)
+    ckpt = SnapshotCheckpointer(CheckpointConfig(dir=str(run)), run, zero_stage=0)
     with pytest.raises(ConfigError) as err:
         check_run_dir(run, resume=False, checkpointer=ckpt)
     assert str(err.value) == (f"checkpoint.dir={str(run)!r} holds 1 file (notes.txt) and no run: choose an empty or "

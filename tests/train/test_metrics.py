@@ -95,9 +95,7 @@ def test_a_resumed_run_continues_metrics_jsonl(tmp_path):
     """A run killed after step 3's metrics but before step 3's checkpoint: the resumed run redoes step 3, and
     metrics.jsonl ends with each step once."""
     make_trainer(tmp_path, grad_accum=1, max_steps=3, checkpoint_every=2).fit()
-    checkpoints = tmp_path / "run" / "checkpoints"
-    (checkpoints / "latest").write_text("step00000002")
-    shutil.rmtree(checkpoints / "step00000003")
+    shutil.rmtree(tmp_path / "run" / "state.zarr" / "v000003")
     before = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     history = make_trainer(tmp_path, grad_accum=1, max_steps=3, checkpoint_every=2, resume=True).fit()
     after = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -137,7 +135,7 @@ def test_log_lines_print_above_the_bar_and_deepspeed_notices_reach_train_log_onl
         bar.on_step(stats(1))
         deepspeed_log.warning("total_num_steps 2 is less than warmup_num_steps 4")
         deepspeed_log.warning("a DeepSpeed warning that matters")
-        logging.getLogger("rollout_dist").info("saved training checkpoint run/checkpoints/step00000001")
+        logging.getLogger("rollout_dist").info("snapshot v000001 committed")
         warnings.warn("a deprecation", FutureWarning)
         bar.on_step(stats(2))
         bar.close()
@@ -145,7 +143,7 @@ def test_log_lines_print_above_the_bar_and_deepspeed_notices_reach_train_log_onl
         sink.close()
     console = stream.getvalue()
     lines = [seg for line in console.split("\n") for seg in line.split("\r") if seg.strip()]
-    assert any(seg.endswith("INFO rollout_dist: saved training checkpoint run/checkpoints/step00000001")
+    assert any(seg.endswith("INFO rollout_dist: snapshot v000001 committed")
                and seg.startswith("20") for seg in lines), lines  # a line of its own, not after the bar
     assert "WARNING DeepSpeed: a DeepSpeed warning that matters" in console
     assert "skipping a.txt" in console and "FutureWarning: a deprecation" in console
@@ -153,7 +151,7 @@ def test_log_lines_print_above_the_bar_and_deepspeed_notices_reach_train_log_onl
     assert "Setting accelerator" not in capsys.readouterr().out  # nor by DeepSpeed's own handler on stdout
     log_text = (tmp_path / "train.log").read_text()
     for line in ("WARNING DeepSpeed: Setting accelerator to CPU", "WARNING rollout_dist.data: skipping a.txt",
-                 "WARNING DeepSpeed: total_num_steps 2 is less than warmup_num_steps 4", "saved training checkpoint",
+                 "WARNING DeepSpeed: total_num_steps 2 is less than warmup_num_steps 4", "snapshot v000001 committed",
                  "FutureWarning: a deprecation"):
         assert line in log_text, line
-    assert log_text.index("Setting accelerator") < log_text.index("skipping a.txt") < log_text.index("saved training")
+    assert log_text.index("Setting accelerator") < log_text.index("skipping a.txt") < log_text.index("snapshot v000001")
