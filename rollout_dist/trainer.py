@@ -27,6 +27,7 @@ from .engine.budget import PeakEstimate
 from .engine.rollout import ChunkHook
 from .parallel import RankLayout
 from .train.checkpointing import Checkpointer, SnapshotCheckpointer, check_run_dir
+from .train.chunk_snapshots import ChunkSnapshotter
 from .train.context import RunContext
 from .train.data_pipeline import DataPipeline
 from .train.engine_setup import initialize_engine
@@ -67,6 +68,7 @@ class Trainer:
         self.step_hooks: list[StepHook] = list(step_hooks)
         self.chunk_hooks: list[ChunkHook] = list(chunk_hooks)
         self.engine = None
+        self.chunk_snapshots: ChunkSnapshotter | None = None
         self.memory: MemoryPlanner | None = None
         self.train_log: TrainLog | None = None
         self.step = 0
@@ -98,6 +100,7 @@ class Trainer:
         self.data.start(layout)
         self.engine = initialize_engine(cfg, self.model, layout, self.run_dir, self.device)
         self.checkpointer.bind(self.engine, self.context)
+        self.chunk_snapshots = self._chunk_snapshotter(layout)
         self.memory = MemoryPlanner(cfg, self.rollout, self.engine.module, self.data, self.context)
         if cfg.checkpoint.resuming:
             self.resume()
@@ -106,6 +109,16 @@ class Trainer:
         if self.device.type == "cuda":
             self.memory.check()
         log.info("run directory: %s", self.run_dir.resolve())
+
+    def _chunk_snapshotter(self, layout: RankLayout) -> ChunkSnapshotter | None:
+        ck = self.cfg.checkpoint
+        if not ck.chunk_every:
+            return None
+        if layout.pp > 1 or self.cfg.rollout.mode != "exact":
+            raise ConfigError(f"checkpoint.chunk_every={ck.chunk_every} needs rollout.mode=exact on one pipeline "
+                              f"stage (this run: rollout.mode={self.cfg.rollout.mode}, parallel.pp={layout.pp}); "
+                              "set checkpoint.chunk_every=0")
+        return ChunkSnapshotter(ck.chunk_every, self.checkpointer.store, self.rank, ck.background)
 
     def _make_rollout(self, layout: RankLayout | None, chunk_size: int | None = None) -> Rollout:
         """The config's rollout for ``layout`` (None: one process); ``chunk_size`` overrides the config's."""
@@ -200,15 +213,23 @@ class Trainer:
             spans = self.data.spans_for(doc, self.rollout)
             bar = (chunk_bar(f"document {i + 1}/{len(window)}, {len(doc.input_ids):,} tokens", len(spans))
                    if self.context.is_main else None)
+            stream = self.streams.document(self.step, self.data.stream_id(doc))
+            state, snapshot_hooks = None, []
+            if self.chunk_snapshots is not None:
+                state, snapshot_hooks = self.chunk_snapshots.document(
+                    self.rollout, self.engine.module, step=self.step, base_version=self.checkpointer.base_step,
+                    first_in_window=i == 0, length=len(doc.input_ids), stream=stream, spans=spans)
             try:
                 result = self.rollout.run(self.engine.module, torch.tensor([doc.input_ids], device=self.device),
                                           loss_normalizer=normalizer, spans=spans,
                                           backward=self._chunk_backward(i == len(window) - 1, len(spans)),
-                                          stream=self.streams.document(self.step, self.data.stream_id(doc)),
-                                          hooks=self.chunk_hooks, progress=bar)
+                                          stream=stream, state=state, hooks=[*snapshot_hooks, *self.chunk_hooks],
+                                          progress=bar)
             finally:
                 if bar is not None:
                     bar.close()
+                if self.chunk_snapshots is not None:
+                    self.chunk_snapshots.finish(state)
             loss_sum += result.loss_sum
             chunks += result.num_chunks
         return loss_sum, window_tokens, chunks

@@ -101,8 +101,10 @@ class CarriedState(ABC):
         """Allocates (zeroed) what the backward pass carries; the forward-only uses of a state never call it."""
 
     @abstractmethod
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The canonical layout (module docstring), on the CPU, detached copies."""
+    def state_dict(self, since: int = 0) -> dict[str, torch.Tensor]:
+        """The canonical layout (module docstring), on the CPU, detached copies.  ``since`` (fill phase only):
+        the per-position tensors (``positions``, ``layer.L.key/value``) hold only positions [since, P), for a
+        snapshot that appends what a state gained since its previous one (``position`` stays P)."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

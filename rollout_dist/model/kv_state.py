@@ -122,14 +122,17 @@ class KVState(CarriedState):
     def _settle(self) -> None:
         """Waits for copies still in flight into the tensors ``_layer_tensor`` returns (none here)."""
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, since: int = 0) -> dict[str, torch.Tensor]:
         self._settle()
         b = self.boundary
         n, batch = b.position, self.batch
+        if since and (self.in_backward or not 0 <= since <= n):
+            raise ValueError(f"state_dict(since={since}) needs a fill-phase state holding at least that many tokens "
+                             f"(this one: {b})")
         if self.position_ids is None:
-            positions = torch.arange(n, dtype=torch.int64)[None].expand(batch, n)
+            positions = torch.arange(since, n, dtype=torch.int64)[None].expand(batch, n - since)
         else:
-            positions = self.position_ids[:, :n].to("cpu", torch.int64)
+            positions = self.position_ids[:, since:n].to("cpu", torch.int64)
         out = {"version": torch.tensor(LAYOUT_VERSION), "phase": torch.tensor(int(b.phase == "backward")),
                "chunks": torch.tensor(b.chunks), "position": torch.tensor(n), "positions": positions.clone(),
                "layers": torch.arange(self.layer_offset, self.layer_offset + self.num_layers),
@@ -137,7 +140,8 @@ class KVState(CarriedState):
         kinds = (("k", "key"), ("v", "value")) + ((("dk", "dkey"), ("dv", "dvalue")) if self.in_backward else ())
         for i in range(self.num_layers):
             for kind, name in kinds:
-                out[f"layer.{self.layer_offset + i}.{name}"] = self._layer_tensor(kind, i)[:, :n].to("cpu", copy=True)
+                out[f"layer.{self.layer_offset + i}.{name}"] = self._layer_tensor(kind, i)[:, since:n].to("cpu",
+                                                                                                        copy=True)
         if self.in_backward:
             out["loss_sum"] = (self.loss_sum.detach().to("cpu", torch.float64).clone() if self.loss_sum is not None
                                else torch.zeros((), dtype=torch.float64))

@@ -30,6 +30,9 @@ class Checkpointer(ABC):
 
     engine = None
     context: RunContext | None = None
+    base_step: int | None = None
+    """The step whose saved (or loaded) snapshot the engine's current weights are: chunk snapshots of the
+    next step's document depend on it."""
 
     def bind(self, engine, context: RunContext) -> None:
         self.engine, self.context = engine, context
@@ -115,6 +118,7 @@ class SnapshotCheckpointer(Checkpointer):
         host = self.host(arrays)
         self.last_block_s = time.perf_counter() - t0
         rank, world, meta = self.context.rank, self.context.world, self._meta()
+        self.base_step = step
         self.writer.submit(lambda: self._persist(step, rank, world, skeleton, host, meta))
 
     def _persist(self, step: int, rank: int, world: int, skeleton, arrays: dict, meta: dict) -> str | None:
@@ -146,6 +150,9 @@ class SnapshotCheckpointer(Checkpointer):
         for v in valid:
             if v.step not in newest and not (self.cfg.keep_every and v.step % self.cfg.keep_every == 0):
                 self.store.delete(v.name)
+        for name in self.store.loc.dirs("chunks"):  # chunk snapshots of steps a committed version has passed
+            if name[1:].isdigit() and int(name[1:]) < valid[-1].step:
+                self.store.loc.remove(f"chunks/{name}")
 
     def poll(self) -> None:
         self._log_finished()
@@ -183,6 +190,7 @@ class SnapshotCheckpointer(Checkpointer):
             module, optimizer, own = parts
             engine_state.restore(self.engine, module, optimizer, own, self.context.device)
             log.info("loaded snapshot %s (step %d) from %s", v.name, v.step, self.location)
+            self.base_step = v.step
             if self.context.is_main:
                 for bad in damaged:  # a later history that cannot be continued: the run rewrites those steps
                     self.store.delete(bad.name)

@@ -1,0 +1,59 @@
+"""Chunk snapshots inside a long document (checkpoint.chunk_every): a run that dies inside a document's fill or
+backward pass resumes at the document's last chunk snapshot, and the result equals the uninterrupted run bit for
+bit (CPU, dropout on, so the random streams matter)."""
+import pytest
+import torch
+
+from rollout_dist.checkpoint.store import SnapshotStore, _unseal
+from tests.test_trainer import make_trainer
+
+LONG = ["A long document that runs through many chunks of the rollout, so that its fill pass has somewhere to stop. "
+        * 2, "Another document, shorter than the first but still several chunks long, for the next step."]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_at(phase: str, chunk: int, step: int, trainer):
+    """A chunk hook that fails after ``chunk`` of ``phase`` in the step whose index is ``step``."""
+    def hook(event):
+        if trainer.step == step and event.phase == phase and event.chunk == chunk:
+            raise Crash(f"killed after {phase} chunk {chunk} of step {step + 1}")
+    return hook
+
+
+def trainer_for(tmp_path, **kw):
+    kw.setdefault("max_steps", 3)
+    t = make_trainer(tmp_path, grad_accum=1, chunk=8, texts=LONG, attention_dropout=0.1, checkpoint_every=1, **kw)
+    t.cfg.checkpoint.chunk_every = 2
+    return t
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    t = trainer_for(tmp_path_factory.mktemp("straight"))
+    t.fit()
+    return {n: p.detach().clone() for n, p in t.engine.module.named_parameters()}
+
+
+@pytest.mark.parametrize("phase,chunk", [("fill", 9), ("backward", 3)])
+def test_a_run_killed_inside_a_document_resumes_at_its_chunk_snapshot(tmp_path, straight, phase, chunk):
+    first = trainer_for(tmp_path)
+    first.chunk_hooks.append(crash_at(phase, chunk, 1, first))
+    with pytest.raises(Crash):
+        first.fit()
+    first.checkpointer.close()  # the step's starting snapshot (v000001) is committed, as before a kill -9
+    store = first.checkpointer.store
+    body = _unseal(store.loc.read("chunks/s000001/r00000/manifest/zarr.json"), "chunk snapshot")
+    expected = (chunk + 1) // 2 * 2 if phase == "fill" else body["chunks"] - 1 - (body["chunks"] - 1) % 2
+    assert body["state"]["chunks"] == expected and body["base_version"] == 1
+    resumed = trainer_for(tmp_path, resume="latest")
+    hist = resumed.fit()
+    assert [s.step for s in hist] == [1, 2, 3]
+    assert resumed.chunk_snapshots.resumes == [(1, expected)]  # step index 1 went on after that many chunks
+    for n, p in resumed.engine.module.named_parameters():
+        assert torch.equal(p, straight[n]), n
+    assert [v.name for v in SnapshotStore(store.url).valid_versions()][-1] == "v000003"
+    assert not (tmp_path / "run" / "state.zarr" / "chunks" / "s000001").exists()  # passed by a committed version
+
