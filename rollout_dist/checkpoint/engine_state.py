@@ -6,7 +6,9 @@ Which rank holds what (``roles``): the model of a pipeline stage is written by t
 (every replica holds the same weights); the optimizer by that rank too at ZeRO 0 (replicated), and by every rank
 at ZeRO 1/2, whose optimizer state is this rank's flat partition (``single_partition_of_fp32_groups``,
 ``base_optimizer_state``), stored as the partition it is, with ``param_slice_mappings`` and ``param_shapes``
-(parameter name -> shape, in flat order) to map it back to parameters.  Every rank writes its own loop state.
+(parameter name -> shape, in flat order) to map it back to parameters.  A stage's module state keeps the
+stage's own (local) layer names; ``stage`` records which global decoder layers they are (rollout_dist.model.stage
+``global_name`` maps them).  Every rank writes its own loop state.
 """
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ def capture(engine, role: dict) -> dict:
              "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                           "skipped_steps": engine.skipped_steps}}
     if role["model"]:
-        state["module"] = engine.module.state_dict()
+        state["module"] = engine.module.state_dict()  # a pipeline stage's names are local: see "stage"
+        info = getattr(engine.module, "rollout_stage", None)
+        state["stage"] = None if info is None else {
+            "stage": info.stage, "num_stages": info.num_stages, "first_layer": info.first_layer,
+            "num_layers": info.num_layers, "total_layers": info.total_layers}
     if role["optimizer"]:
         state["optimizer"] = engine.optimizer.state_dict()
         if engine.zero_optimization():

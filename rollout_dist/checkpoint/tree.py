@@ -5,7 +5,8 @@ array name; ``join(skeleton, arrays)`` rebuilds the state.  Leaves JSON cannot h
 its ``fragment_address`` tuples, enums) are pickled into a uint8 array (``{"P": name}``) and so checksummed like
 every array.  Array names follow the keys ("optimizer/state/0/exp_avg"), so a store reads like the state.
 
-Arrays hold a tensor's bytes uncompressed in chunks of about ``CHUNK_BYTES`` along the first axis; bfloat16,
+Dicts with string keys are ``{"M": [[key, value], ...]}`` (their order is kept), others ``{"D": [[key, value],
+...]}``, lists ``{"L": [...]}``, tuples ``{"U": [...]}``.  Arrays hold a tensor's bytes uncompressed in chunks of about ``CHUNK_BYTES`` along the first axis; bfloat16,
 which Zarr v3 lacks, is stored as uint16 words with ``torch_dtype: bfloat16`` in the array's attributes (every
 array records its torch dtype).  Each array's checksum is xxh3-64 of its C-order bytes.
 """
@@ -49,8 +50,8 @@ def split(state, prefix: str = "") -> tuple[object, dict[str, torch.Tensor]]:
         if isinstance(x, torch.dtype):
             return {"dtype": str(x).replace("torch.", "")}
         if type(x) is dict or (isinstance(x, dict) and type(x).__name__ == "OrderedDict"):
-            if all(type(k) is str for k in x):
-                return {"M": {k: enc(v, path + [k]) for k, v in x.items()}}
+            if all(type(k) is str for k in x):  # pairs, not a JSON object: the order is kept (DeepSpeed needs it)
+                return {"M": [[k, enc(v, path + [k])] for k, v in x.items()]}
             return {"D": [[enc(k, path + ["key"]), enc(v, path + [str(k)])] for k, v in x.items()]}
         if type(x) in (list, tuple, torch.Size):
             return {"L" if type(x) is list else "U": [enc(v, path + [str(i)]) for i, v in enumerate(x)]}
@@ -76,7 +77,7 @@ def join(skeleton, arrays: dict[str, torch.Tensor]):
         if kind == "dtype":
             return getattr(torch, v)
         if kind == "M":
-            return {k: dec(e) for k, e in v.items()}
+            return {k: dec(e) for k, e in v}
         if kind == "D":
             return {_hashable(dec(k)): dec(e) for k, e in v}
         return [dec(e) for e in v] if kind == "L" else tuple(dec(e) for e in v)
@@ -85,6 +86,12 @@ def join(skeleton, arrays: dict[str, torch.Tensor]):
 
 def _hashable(k):
     return tuple(k) if isinstance(k, list) else k
+
+
+def member(skeleton, keys: str):
+    """The skeleton of a string-keyed dict restricted to ``keys`` (comma-separated), for reading a part."""
+    wanted = keys.split(",")
+    return {"M": [[k, e] for k, e in skeleton["M"] if k in wanted]}
 
 
 def array_names(skeleton) -> list[str]:
@@ -97,7 +104,7 @@ def array_names(skeleton) -> list[str]:
             if kind in ("T", "P"):
                 out.append(v)
             elif kind == "M":
-                for e in v.values():
+                for _, e in v:
                     walk(e)
             elif kind == "D":
                 for k, e in v:
@@ -128,7 +135,7 @@ def from_numpy(a: np.ndarray, torch_dtype: str) -> torch.Tensor:
 
 def checksum(a: np.ndarray) -> str:
     """xxh3-64 of an array's C-order bytes, as 16 hex digits."""
-    return xxhash.xxh3_64_hexdigest(memoryview(np.require(a, requirements="C")).cast("B"))
+    return xxhash.xxh3_64_hexdigest(memoryview(np.require(a, requirements="C").reshape(-1).view(np.uint8)))
 
 
 def dtype_name(t: torch.Tensor) -> str:

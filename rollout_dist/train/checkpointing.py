@@ -234,17 +234,15 @@ class SnapshotCheckpointer(Checkpointer):
         """(model part, optimizer part, own part) of this rank, every array checked."""
         cache: dict[int, dict] = {}
 
-        def part(rank: int, key: str | None = None):
+        def part(rank: int, key: str):
             if rank not in cache:
                 skeleton = v.manifest["ranks"].get(rank_name(rank), {}).get("tree")
                 if skeleton is None:
                     raise CorruptSnapshot(f"{self.location} {v.name}: the manifest has no part of rank {rank}")
                 cache[rank] = skeleton
-            skeleton = cache[rank]
-            sub = skeleton["M"] if key is None else {k: e for k, e in skeleton["M"].items() if k in key.split(",")}
-            names = tree.array_names({"M": sub})
-            _, arrays = self.store.read_rank(v, rank_name(rank), names)
-            return tree.join({"M": sub}, arrays)
+            sub = tree.member(cache[rank], key)
+            _, arrays = self.store.read_rank(v, rank_name(rank), tree.array_names(sub))
+            return tree.join(sub, arrays)
 
         role = self.role
         own = part(self.context.rank, "lr_scheduler,counters,loop")

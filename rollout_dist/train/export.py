@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ModelConfig, TrainConfig
 from ..model import stage_state_dict
 from ..model.build import build_model, materialize
 from .context import RunContext
@@ -33,6 +33,21 @@ def gather_full_state(module: torch.nn.Module, context: RunContext) -> dict | No
     if not context.is_main:
         return None
     return {k: v for shard in shards for k, v in shard.items()}
+
+
+def full_model(model_cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype):
+    """(model, tokenizer): the whole model of ``model_cfg`` (built on the meta device, or read from
+    ``model.path``) in ``dtype``, holding ``state`` (every tensor, under the full model's names), on the CPU."""
+    model, tokenizer = build_model(model_cfg, torch.device("cpu"), dtype=dtype, materialized=False)
+    model.load_state_dict(state, strict=True, assign=True)
+    materialize(model, torch.device("cpu"))
+    return model, tokenizer
+
+
+def save_model_dir(model: torch.nn.Module, tokenizer, out: Path) -> None:
+    """An HF directory: ``save_pretrained`` of the model and of its tokenizer."""
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def summarize(history: list[StepStats]) -> dict:
@@ -57,12 +72,8 @@ def export_final(cfg: TrainConfig, run_dir: Path, module: torch.nn.Module, token
         model = module
         if full_state is not None:
             # in the dtype it trained in: model.dtype=auto means bf16 on the GPUs but fp32 on this CPU
-            model, _ = build_model(cfg.model, torch.device("cpu"), dtype=next(module.parameters()).dtype,
-                                   materialized=False)
-            model.load_state_dict(full_state, strict=True, assign=True)
-            materialize(model, torch.device("cpu"))
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+            model, _ = full_model(cfg.model, full_state, next(module.parameters()).dtype)
+        save_model_dir(model, tokenizer, final)
         summary["final_model"] = str(final)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("done: %d steps, loss %.4f -> %.4f; %s", summary["steps"], summary["first_loss"],
