@@ -105,8 +105,9 @@ def write_document(directory: Path, tokens: int, seed: int = 0) -> None:
 
 def trainer_for(tokens: int, overrides: list[str], workdir: Path, steps: int) -> Trainer:
     data = workdir / f"data_{tokens}"
-    data.mkdir()
-    write_document(data, tokens)
+    if not data.exists():  # a second trainer of the same run (a resume) reads the same document
+        data.mkdir(parents=True)
+        write_document(data, tokens)
     with initialize_config_dir(config_dir=str(ROOT / "hydra_conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, f"data.path={data}",
                                            f"checkpoint.dir={workdir / f'run_{tokens}'}",

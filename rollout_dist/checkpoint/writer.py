@@ -40,6 +40,13 @@ class HostCopy:
             torch.cuda.synchronize()
         return out
 
+    def reserve(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Allocates the buffers ``tensors`` need (pinning host memory takes seconds: at set-up, not mid-run)."""
+        for name, t in tensors.items():
+            buf = self._buffers.get(name)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                self._buffers[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())

@@ -79,6 +79,7 @@ class SnapshotCheckpointer(Checkpointer):
         self.host = HostCopy()
         self.role: dict | None = None
         self.last_block_s = self.last_wait_s = None
+        self.write_seconds: list[float] = []  # each snapshot's background write (and, on rank 0, commit)
 
     @property
     def location(self) -> str:
@@ -102,6 +103,8 @@ class SnapshotCheckpointer(Checkpointer):
             if gone:
                 log.warning("removed half-written snapshot versions of an earlier attempt: %s", ", ".join(gone))
         context.barrier()
+        if self.cfg.every and context.device.type == "cuda":
+            self.host.reserve(tree.split(engine_state.capture(engine, self.role))[1])
 
     def _meta(self) -> dict:
         layout = self.context.layout
@@ -129,8 +132,10 @@ class SnapshotCheckpointer(Checkpointer):
             if rank == 0:
                 body = self.store.commit(step, world, meta, self.cfg.commit_timeout_s)
                 self._retain()
+                self.write_seconds.append(time.perf_counter() - t0)
                 return (f"snapshot {version_name(step)} committed: {body['nbytes'] / 1e9:.2f} GB written in "
-                        f"{time.perf_counter() - t0:.1f} s ({self.location})")
+                        f"{self.write_seconds[-1]:.1f} s ({self.location})")
+            self.write_seconds.append(time.perf_counter() - t0)
             return None
         except Exception as err:  # a full disk, a denied permission, a peer that never finished: say where
             raise SnapshotError(f"checkpoint store {self.location}: writing snapshot {version_name(step)} failed: "
