@@ -111,6 +111,10 @@ def main() -> None:
         ck = trainer.cfg.checkpoint
         ck.every = 0
         trainer.history.append(trainer.train_step())  # warm-up: kernels, FusedAdam's build, allocator
+        trainer.checkpointer.poll()  # after the first step, as in a run: pins the snapshots' host buffers
+        t0 = time.perf_counter()
+        trainer.checkpointer.wait_for_host_buffers()
+        pin_wait_s = time.perf_counter() - t0
         results = []
         for spec in args.phases.split(","):
             name, steps = spec.split(":")
@@ -120,7 +124,8 @@ def main() -> None:
         nbytes = trainer.checkpointer.store.valid_versions()[-1].manifest["nbytes"]
         summary = {"summary": True, "T": args.tokens, "setup_s": round(setup_s, 1), "snapshot_gb": round(nbytes / 1e9, 2),
                    "chunk": trainer.rollout.chunk_size, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
-                   else "cpu", "baseline_step_s": base["step_s_mean"]}
+                   else "cpu", "baseline_step_s": base["step_s_mean"],
+                   "pin_host_buffers_s": trainer.checkpointer.reserve_seconds, "pin_wait_s": round(pin_wait_s, 2)}
         for r in results:
             if r["phase"] == "none":
                 continue

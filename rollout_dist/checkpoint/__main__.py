@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter
 from datetime import datetime
@@ -31,7 +30,6 @@ from .store import (FORMAT, FORMAT_VERSION, MANIFEST, CorruptSnapshot, SnapshotS
                     version_name)
 
 PROG = "python -m rollout_dist.checkpoint"
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class UsageError(Exception):
@@ -222,34 +220,54 @@ def run_config(text: str, where: str):
 
 def module_state(store: SnapshotStore, v: VersionInfo) -> dict:
     """The whole model's state dict of a version, every array checked: the module of each pipeline stage
-    (written by the stage's data-parallel rank 0), its decoder layers renumbered from the stage's to the whole
-    model's (``stage_state_dict``'s names)."""
+    (written by the stage's data-parallel rank 0), its decoder layers renamed from the stage's own numbering to
+    the whole model's (``global_name``, with the global layers the stage recorded)."""
     from ..model.stage import StageInfo, global_name
 
     pp = v.manifest["layout"]["pp"]
-    holders = sorted((int(rank[1:]), rank) for rank, part in v.manifest["ranks"].items()
-                     if part["role"].get("model"))
-    stages: dict[int, dict] = {}
-    for index, rank in holders:
-        part = v.manifest["ranks"][rank]
-        sub = part["tree"]["M"].get("module")
-        if sub is None:
+    stages: dict[int, tuple[dict, StageInfo | None]] = {}
+    for index, rank in sorted((int(r[1:]), r) for r, part in v.manifest["ranks"].items() if part["role"].get("model")):
+        sub = tree.member(v.manifest["ranks"][rank]["tree"], "module,stage,weights")
+        if not any(k == "module" for k, _ in sub["M"]):
             raise CorruptSnapshot(f"{store.url} {v.name}: rank {rank} holds a model part but its state has none")
         _, arrays = store.read_rank(v, rank, tree.array_names(sub))
-        stages.setdefault(index % pp, tree.join(sub, arrays))
+        part = tree.join(sub, arrays)
+        info = StageInfo(**part["stage"]) if part.get("stage") else None
+        stage = info.stage if info else index % pp
+        module = part["module"]
+        if part.get("weights") == "optimizer":  # ZeRO: the weights are the stage's masters, over its replicas
+            module = {**module, **masters_of_stage(store, v, stage, pp)}
+        stages.setdefault(stage, (module, info))
     missing = [s for s in range(pp) if s not in stages]
     if missing:
         raise CorruptSnapshot(f"{store.url} {v.name}: no rank holds the weights of pipeline stage(s) "
                               f"{', '.join(map(str, missing))}")
     if pp == 1:
-        return stages[0]
-    counts = [len({int(m.group(1)) for m in map(_LAYER.match, stages[s]) if m}) for s in range(pp)]
-    state, first = {}, 0
+        return stages[0][0]
+    unplaced = [s for s in range(pp) if stages[s][1] is None]
+    if unplaced:
+        raise CorruptSnapshot(f"{store.url} {v.name}: the part of pipeline stage(s) {', '.join(map(str, unplaced))} "
+                              "does not record which decoder layers it holds")
+    state = {}
     for s in range(pp):
-        info = StageInfo(stage=s, num_stages=pp, first_layer=first, num_layers=counts[s], total_layers=sum(counts))
-        state.update({global_name(name, info): t for name, t in stages[s].items()})
-        first += counts[s]
+        module, info = stages[s]
+        state.update({global_name(name, info): t for name, t in module.items()})
     return state
+
+
+def masters_of_stage(store: SnapshotStore, v: VersionInfo, stage: int, pp: int) -> dict:
+    """A pipeline stage's parameters rebuilt from its data-parallel ranks' ZeRO partitions (fp32 masters)."""
+    from .engine_state import weights_from_partitions
+
+    parts = []
+    for rank in sorted(int(r[1:]) for r in v.manifest["ranks"]):
+        if rank % pp != stage:
+            continue
+        name = f"r{rank:05d}"
+        sub = tree.member(v.manifest["ranks"][name]["tree"], "optimizer,param_shapes")
+        _, arrays = store.read_rank(v, name, tree.array_names(sub))
+        parts.append(tree.join(sub, arrays))
+    return weights_from_partitions([p["optimizer"] for p in parts], parts[0]["param_shapes"])
 
 
 def cmd_export(args) -> int:
@@ -289,9 +307,11 @@ def cmd_export(args) -> int:
     cfg = run_config(text, where)
     state = module_state(store, v)
     floating = Counter(t.dtype for t in state.values() if t.is_floating_point())
-    # model.dtype=auto resolves to what the run trained in (bf16 on GPUs, fp32 on a CPU): the stored weights' dtype
+    # model.dtype=auto resolves to what the run trained in (bf16 on GPUs, fp32 on a CPU): the dtype the snapshot
+    # records (ZeRO stores fp32 masters of bf16 weights), else the stored weights'
+    trained = v.manifest.get("model_dtype")
     dtype = getattr(torch, cfg.model.dtype) if cfg.model.dtype != "auto" else (
-        floating.most_common(1)[0][0] if floating else torch.float32)
+        getattr(torch, trained) if trained else floating.most_common(1)[0][0] if floating else torch.float32)
     try:
         model, tokenizer = full_model(cfg.model, state, dtype)
     except ConfigError as err:  # model.path that is not there on this machine

@@ -9,6 +9,7 @@ holds snapshots to resume.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -80,6 +81,8 @@ class SnapshotCheckpointer(Checkpointer):
         self.role: dict | None = None
         self.last_block_s = self.last_wait_s = None
         self.write_seconds: list[float] = []  # each snapshot's background write (and, on rank 0, commit)
+        self._reserve_due, self._reserver = False, None
+        self.reserve_seconds: float | None = None  # the pinning of the host buffers (GPU runs)
 
     @property
     def location(self) -> str:
@@ -103,17 +106,18 @@ class SnapshotCheckpointer(Checkpointer):
             if gone:
                 log.warning("removed half-written snapshot versions of an earlier attempt: %s", ", ".join(gone))
         context.barrier()
-        if self.cfg.every and context.device.type == "cuda":
-            self.host.reserve(tree.split(engine_state.capture(engine, self.role))[1])
+        self._reserve_due = bool(self.cfg.every) and context.device.type == "cuda"
 
     def _meta(self) -> dict:
         layout = self.context.layout
         return {"layout": {"world": layout.world, "dp": layout.dp, "pp": layout.pp, "zero_stage": self.zero_stage},
-                "config": self.resolved_config}
+                "config": self.resolved_config,
+                "model_dtype": str(next(self.engine.module.parameters()).dtype).replace("torch.", "")}
 
     # ------------------------------------------------------------------------------------------------- save
     def save(self, step: int, client_state: dict) -> None:
-        self.last_wait_s = self.writer.wait()  # the previous snapshot is committed (or its error raised here)
+        # the previous snapshot is committed (or its error raised here), and the host buffers are pinned
+        self.last_wait_s = self.writer.wait() + self.wait_for_host_buffers()
         t0 = time.perf_counter()
         state = engine_state.capture(self.engine, self.role)
         state["loop"] = client_state
@@ -162,6 +166,29 @@ class SnapshotCheckpointer(Checkpointer):
     def poll(self) -> None:
         self._log_finished()
         self.writer.check()
+        if self._reserve_due:
+            self._reserve_host_buffers()
+
+    def _reserve_host_buffers(self) -> None:
+        """Pins the host buffers snapshots copy into (seconds for GBs), on a thread, once the state is complete
+        (the optimizer creates its moments at the first step): at a step's end, not inside a snapshot."""
+        self._reserve_due = False
+        shapes = tree.split(engine_state.capture(self.engine, self.role))[1]
+
+        def reserve():
+            t0 = time.perf_counter()
+            self.host.reserve(shapes)
+            self.reserve_seconds = time.perf_counter() - t0
+        self._reserver = threading.Thread(target=reserve, name="snapshot-host-buffers", daemon=True)
+        self._reserver.start()
+
+    def wait_for_host_buffers(self) -> float:
+        """Waits for the pinning of the host buffers, if it is under way; returns the seconds waited."""
+        t0 = time.perf_counter()
+        if self._reserver is not None:
+            self._reserver.join()
+            self._reserver = None
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         try:
@@ -251,7 +278,7 @@ class SnapshotCheckpointer(Checkpointer):
 
         role = self.role
         own = part(self.context.rank, "lr_scheduler,counters,loop")
-        module = part(role["model_from"], "module")
+        module = part(role["model_from"], "module,weights")
         optimizer = part(role["optimizer_from"], "optimizer")
         return module, optimizer, own
 

@@ -12,6 +12,7 @@ import torch
 import zarr
 
 from rollout_dist.checkpoint import tree
+from rollout_dist.checkpoint.__main__ import module_state
 from rollout_dist.checkpoint.store import CorruptSnapshot, SnapshotError, SnapshotStore
 from rollout_dist.config import CheckpointConfig, ConfigError
 from tests.test_trainer import make_trainer
@@ -165,6 +166,13 @@ def test_resume_is_bit_identical_with_zero_partitions_and_bf16(tmp_path, dtype, 
     if zero:
         ours, ref = (t.engine.optimizer.single_partition_of_fp32_groups[0] for t in (resumed, straight))
         assert torch.equal(ours, ref)  # the fp32 master weights, not rebuilt from the bf16 ones
+        # the snapshot holds the masters only; the model's weights rebuilt from them (as export does) are the model's
+        store = resumed.checkpointer.store
+        latest = store.valid_versions()[-1]
+        assert "module/model.norm.weight" not in latest.manifest["ranks"]["r00000"]["arrays"]
+        rebuilt = module_state(store, latest)
+        for name, p in resumed.engine.module.named_parameters():
+            assert torch.equal(rebuilt[name].to(p.dtype), p), name
 
 
 def test_resume_of_an_older_version_or_an_unknown_one_is_refused(tmp_path):

@@ -50,11 +50,21 @@ def test_resume_of_a_multi_process_run_is_bit_identical(tmp_path, docs, name, ov
     assert sorted(manifest["ranks"]) == ["r00000", "r00001"]
     written = {r: {a.split("/")[0] for a in part["arrays"]} for r, part in manifest["ranks"].items()}
     if "trainer.zero_stage=1" in overrides:
-        # one replica writes the weights; each writes its own optimizer partition
-        assert "module" in written["r00000"] and "module" not in written["r00001"]
+        # each replica writes its own optimizer partition; the weights are its fp32 masters, not stored twice
+        assert written == {"r00000": {"loop", "optimizer"}, "r00001": {"loop", "optimizer"}}, written
+        assert dict(manifest["ranks"]["r00000"]["tree"]["M"])["weights"] == "optimizer"
         parts = [manifest["ranks"][r]["arrays"]["optimizer/single_partition_of_fp32_groups/0"]["shape"]
                  for r in ("r00000", "r00001")]
         assert parts[0] == parts[1] and store.verify(versions[-1]) == []
+        # the weights are the replicas' fp32 masters, partitioned: export puts them back together
+        out = tmp_path / "export"
+        proc = subprocess.run([sys.executable, "-m", "rollout_dist.checkpoint", "export", str(run / "state.zarr"),
+                               str(out)], env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        exported = load_file(out / "model.safetensors")
+        assert exported.keys() == straight.keys()
+        assert all(torch.equal(exported[k], straight[k]) for k in straight)
     else:  # each stage writes its own layers (under the stage's local names) and which global layers they are
         for r, first in (("r00000", 0), ("r00001", 2)):
             names = {k for k in manifest["ranks"][r]["arrays"] if k.startswith("module/model.layers.")}
