@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from rollout_dist.checkpoint.store import SnapshotError  # noqa: E402
 from rollout_dist.cli import run_main  # noqa: E402
 from rollout_dist.config import ConfigError, to_train_config  # noqa: E402
 from rollout_dist.data import DataError  # noqa: E402
@@ -44,6 +45,8 @@ def main(cfg: DictConfig) -> None:
         # raises the same errors for what only a started run can know
         logging.getLogger("rollout_dist").error("%s", err)
         sys.exit(2)
+    except SnapshotError:  # a snapshot could not be written (full disk, permissions): logged by the trainer
+        sys.exit(1)
     trainer.close()
 
 

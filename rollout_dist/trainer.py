@@ -26,6 +26,7 @@ from .engine import RandomStreams, Rollout, make_rollout
 from .engine.budget import PeakEstimate
 from .engine.rollout import ChunkHook
 from .parallel import RankLayout
+from .checkpoint.store import SnapshotError
 from .train.checkpointing import Checkpointer, SnapshotCheckpointer, check_run_dir
 from .train.chunk_snapshots import ChunkSnapshotter
 from .train.context import RunContext
@@ -275,6 +276,9 @@ class Trainer:
         try:
             self._steps()
             export_final(self.cfg, self.run_dir, self.engine.module, self.tokenizer, self.history, self.context)
+        except SnapshotError as err:  # in train.log too, which closes below
+            log.error("%s", err)
+            raise
         finally:
             self._close_train_log()  # after the export: its lines belong to the run's log too
         return self.history

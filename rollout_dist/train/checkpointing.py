@@ -235,7 +235,12 @@ class SnapshotCheckpointer(Checkpointer):
     def _candidates(self) -> list[VersionInfo]:
         """The valid versions ``checkpoint.resume`` may load, oldest first (rank 0's listing, so that every rank
         tries the same)."""
-        versions = self.store.valid_versions()
+        listed = self.store.versions()
+        if self.context.is_main:
+            for v in listed:
+                if v.manifest is None and not v.problem.startswith("no manifest"):
+                    log.error("snapshot %s is damaged and skipped: %s", v.name, v.problem)
+        versions = [v for v in listed if v.valid]
         if self.context.world > 1:
             box = [versions]
             torch.distributed.broadcast_object_list(box, src=0)

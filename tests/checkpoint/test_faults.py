@@ -371,7 +371,7 @@ def test_sigkill_at_chosen_instants_then_resume_is_bit_identical(tmp_path, docs,
         valid = valid_and_verified(store) if store.exists() else []
         expect = valid[-1] if valid else None
         done = int(expect[1:]) if expect else 0
-        at = min(3, STEPS - done)  # by its 3rd step a process has committed the snapshot of its 1st
+        at = min(3, STEPS - done)  # its 2nd step's save waits for the 1st snapshot's commit: progress
         stop = {"fill": f"fill:{at}:1", "backward": f"backward:{at}:2", "optimizer": f"optimizer:{at}"}.get(fault)
         if stop is not None and done == STEPS:
             continue  # no step left to inject into (not expected with 5 steps)
@@ -412,9 +412,9 @@ def test_sigkill_at_chosen_instants_then_resume_is_bit_identical(tmp_path, docs,
 def test_dp2_one_rank_killed_launcher_ends_the_other_resume_is_bit_identical(tmp_path, docs, runner):
     """dp=2 under torchrun: rank 1 is killed (1) stopped in the backward pass of its 3rd step (v000001
     committed), and (2) while its part of a later snapshot is not yet published (rank 0 then waits for it to
-    commit the version).  Each time torchrun
-    must end rank 0 and exit non-zero within a minute (nothing hangs); then the run resumes with both ranks and
-    ends bit-identical to an uninterrupted dp=2 run."""
+    commit the version).  Each time torchrun must end rank 0 and exit non-zero within a minute, leaving no process
+    behind (nothing hangs); then the run resumes with both ranks and ends bit-identical to an uninterrupted dp=2
+    run."""
     ref = tmp_path / "ref"
     a = Attempt(tmp_path, "dp2-reference", train_command(ref, docs, nproc=2))
     assert a.wait() == 0, a.tail()
@@ -521,9 +521,6 @@ def test_damaged_manifest_falls_back_and_the_run_is_bit_identical(manifest_damag
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a version whose manifest is damaged is skipped without a word: "
-                                       "SnapshotCheckpointer.load only looks at store.valid_versions(), so nothing "
-                                       "names v000005 or says why it was passed over")
 def test_damaged_manifest_is_named_in_the_log(manifest_damaged):
     a, code, run, _ = manifest_damaged
     log = (run / "train.log").read_text()
