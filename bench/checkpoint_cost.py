@@ -19,7 +19,6 @@ One JSON line per phase, and a summary line, to stdout and $OUT/checkpoint_cost.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -32,16 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from train_long import trainer_for  # noqa: E402
+from train_long import emit as emit_to, trainer_for  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
 
 def emit(rec: dict) -> None:
-    line = json.dumps(rec)
-    print(line, flush=True)
-    with open(OUT / "checkpoint_cost.jsonl", "a") as f:
-        f.write(line + "\n")
+    emit_to(rec, "checkpoint_cost.jsonl")
 
 
 def sync() -> None:
@@ -122,7 +118,8 @@ def main() -> None:
             results.append(run_phase(trainer, name, int(steps), every, chunk_every))
         base = next(r for r in results if r["phase"] == "none")
         nbytes = trainer.checkpointer.store.valid_versions()[-1].manifest["nbytes"]
-        summary = {"summary": True, "T": args.tokens, "setup_s": round(setup_s, 1), "snapshot_gb": round(nbytes / 1e9, 2),
+        summary = {"summary": True, "T": args.tokens, "setup_s": round(setup_s, 1),
+                   "snapshot_gb": round(nbytes / 1e9, 2),
                    "chunk": trainer.rollout.chunk_size, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
                    else "cpu", "baseline_step_s": base["step_s_mean"],
                    "pin_host_buffers_s": trainer.checkpointer.reserve_seconds, "pin_wait_s": round(pin_wait_s, 2)}

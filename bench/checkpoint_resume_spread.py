@@ -9,7 +9,6 @@ resumed-vs-straight beside straight-vs-straight.  One JSON line to stdout and $O
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from train_long import trainer_for  # noqa: E402
+from train_long import emit, trainer_for  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
@@ -66,10 +65,7 @@ def main() -> None:
            "resumed_vs_straight_max": max(ours), "resumed_vs_straight_median": sorted(ours)[len(ours) // 2],
            "params": len(ours), "bit_identical_params": sum(d == 0.0 for d in ours),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    line = json.dumps(rec)
-    print(line, flush=True)
-    with open(OUT / "checkpoint_resume_spread.jsonl", "a") as f:
-        f.write(line + "\n")
+    emit(rec, "checkpoint_resume_spread.jsonl")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,11 @@ from rollout_dist.trainer import Trainer  # noqa: E402
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
 
-def emit(rec: dict) -> None:
+def emit(rec: dict, name: str = "train_long.jsonl") -> None:
+    """One JSON line to stdout and to $OUT/``name``."""
     line = json.dumps(rec)
     print(line, flush=True)
-    with open(OUT / "train_long.jsonl", "a") as f:
+    with open(OUT / name, "a") as f:
         f.write(line + "\n")
 
 

@@ -8,9 +8,9 @@ at ZeRO 1/2, whose optimizer state is this rank's flat partition (``single_parti
 ``base_optimizer_state``), stored as the partition it is, with ``param_slice_mappings`` and ``param_shapes``
 (parameter name -> shape, in flat order) to map it back to parameters (``weights_from_partitions``).  At ZeRO 1/2
 the model's weights are the masters rounded, so a snapshot keeps the masters only (``weights: optimizer``; the
-module part then holds buffers) and a resume rebuilds the weights from them, as a step does.  A stage's module state keeps the
-stage's own (local) layer names; ``stage`` records which global decoder layers they are (rollout_dist.model.stage
-``global_name`` maps them).  Every rank writes its own loop state.
+module part then holds buffers) and a resume rebuilds the weights from them, as a step does.  A stage's module
+state keeps the stage's own (local) layer names; ``stage`` records which global decoder layers they are
+(rollout_dist.model.stage ``global_name`` maps them).  Every rank writes its own loop state.
 """
 from __future__ import annotations
 

@@ -6,9 +6,10 @@ its ``fragment_address`` tuples, enums) are pickled into a uint8 array (``{"P": 
 every array.  Array names follow the keys ("optimizer/state/0/exp_avg"), so a store reads like the state.
 
 Dicts with string keys are ``{"M": [[key, value], ...]}`` (their order is kept), others ``{"D": [[key, value],
-...]}``, lists ``{"L": [...]}``, tuples ``{"U": [...]}``.  Arrays hold a tensor's bytes uncompressed in chunks of about ``CHUNK_BYTES`` along the first axis; bfloat16,
-which Zarr v3 lacks, is stored as uint16 words with ``torch_dtype: bfloat16`` in the array's attributes (every
-array records its torch dtype).  Each array's checksum is xxh3-64 of its C-order bytes.
+...]}``, lists ``{"L": [...]}``, tuples ``{"U": [...]}``.  Arrays hold a tensor's bytes uncompressed in chunks of
+about ``CHUNK_BYTES`` along the first axis; bfloat16, which Zarr v3 lacks, is stored as uint16 words with
+``torch_dtype: bfloat16`` in the array's attributes (every array records its torch dtype).  Each array's checksum
+is xxh3-64 of its C-order bytes.
 """
 from __future__ import annotations
 

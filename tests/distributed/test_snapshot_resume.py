@@ -24,13 +24,13 @@ COMMON = ["model.num_layers=4", "rollout.chunk_size=48", "trainer.max_steps=4", 
           "checkpoint.keep=4", "trainer.lr=1e-3", "trainer.min_lr=1e-4"]
 
 
-def launch(run_dir, docs, nproc, *overrides):
+def launch(run_dir, data, nproc, *overrides):
     env = child_env(OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = ([sys.executable, str(TRAIN)] if nproc == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(TRAIN)])
-    return subprocess.run(cmd + [f"data.path={docs}", f"checkpoint.dir={run_dir}", *COMMON, *overrides],
+    return subprocess.run(cmd + [f"data.path={data}", f"checkpoint.dir={run_dir}", *COMMON, *overrides],
                           cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -8,7 +8,6 @@ import torch
 from rollout_dist.config import ConfigError
 from rollout_dist.config import CheckpointConfig
 from rollout_dist.train.checkpointing import Checkpointer, SnapshotCheckpointer, check_run_dir
-from rollout_dist.train.context import RunContext
 from tests.test_trainer import make_trainer
 
 
