@@ -159,11 +159,16 @@ class Trainer:
         """What a checkpoint keeps beside the engine's state: step, data position, random state, history.  (The
         rollouts' dropout masks come from ``self.streams``, keyed by step and document; the torch generators
         are kept for anything else that draws from them.)"""
-        return {"step": self.step, "order": self.data.state_dict(), "cpu_rng": torch.get_rng_state(),
+        return {"step": self.step, "order": self.data.state_dict(), "streams": self.streams.state_dict(),
+                "cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "history": [asdict(s) for s in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("streams", {}).get("seed", self.streams.seed)
+        if saved != self.streams.seed:  # every dropout mask would differ from the run being continued
+            raise ConfigError(f"trainer.seed={self.streams.seed}, but the snapshot's run used trainer.seed={saved}: "
+                              "resume with the same seed")
         self.step = int(state["step"])
         self.data.load_state_dict(state["order"])
         torch.set_rng_state(state["cpu_rng"])

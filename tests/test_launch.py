@@ -143,7 +143,8 @@ def test_console_is_quiet_and_log_lines_print_above_the_bar(tmp_path, docs):
     (a saved checkpoint, a warning) never follows a progress bar's characters on the same line."""
     env = child_env(PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
-    run_dir = tmp_path / "run"
+    env.pop("DS_ACCELERATOR", None)  # set in this process by any earlier in-process CPU trainer: detection then
+    run_dir = tmp_path / "run"       # warns nothing
     # 3 steps with the default warm-up of 4: DeepSpeed's scheduler warns; checkpoints are logged while the bar runs
     proc = subprocess.run([sys.executable, str(TRAIN), f"data.path={docs}", "trainer.max_steps=3",
                            "trainer.log_every=1", "rollout.chunk_size=64", "checkpoint.every=1",

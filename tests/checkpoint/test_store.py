@@ -195,3 +195,10 @@ def test_resume_values(value, version, resuming):
 def test_a_bad_resume_value_is_refused():
     with pytest.raises(ConfigError, match="checkpoint.resume='newest': use false, latest"):
         CheckpointConfig(resume="newest")
+
+
+def test_resume_with_another_seed_is_refused(tmp_path):
+    """The random streams (dropout masks) are keyed by trainer.seed: a snapshot continues only the run it was of."""
+    make_trainer(tmp_path, grad_accum=1, max_steps=2, checkpoint_every=1, seed=1).fit()
+    with pytest.raises(ConfigError, match=r"trainer.seed=2, but the snapshot's run used trainer.seed=1"):
+        make_trainer(tmp_path, grad_accum=1, max_steps=3, checkpoint_every=1, seed=2, resume="latest").setup()
