@@ -112,13 +112,9 @@ class Trainer:
         log.info("run directory: %s", self.run_dir.resolve())
 
     def _chunk_snapshotter(self, layout: RankLayout) -> ChunkSnapshotter | None:
-        ck = self.cfg.checkpoint
+        ck = self.cfg.checkpoint  # TrainConfig refused chunk snapshots where they cannot resume (pp > 1)
         if not ck.chunk_every:
             return None
-        if layout.pp > 1 or self.cfg.rollout.mode != "exact":
-            raise ConfigError(f"checkpoint.chunk_every={ck.chunk_every} needs rollout.mode=exact on one pipeline "
-                              f"stage (this run: rollout.mode={self.cfg.rollout.mode}, parallel.pp={layout.pp}); "
-                              "set checkpoint.chunk_every=0")
         return ChunkSnapshotter(ck.chunk_every, self.checkpointer.store, self.rank, ck.background)
 
     def _make_rollout(self, layout: RankLayout | None, chunk_size: int | None = None) -> Rollout:

@@ -57,3 +57,10 @@ def test_a_run_killed_inside_a_document_resumes_at_its_chunk_snapshot(tmp_path, 
     assert [v.name for v in SnapshotStore(store.url).valid_versions()][-1] == "v000003"
     assert not (tmp_path / "run" / "state.zarr" / "chunks" / "s000001").exists()  # passed by a committed version
 
+
+
+def test_chunk_snapshots_across_pipeline_stages_are_refused_before_anything_is_written():
+    from rollout_dist.config import CheckpointConfig, ConfigError, ParallelConfig, TrainConfig
+    with pytest.raises(ConfigError, match="checkpoint.chunk_every=2 needs rollout.mode=exact on one pipeline stage "
+                                          r"\(this run: rollout.mode=exact, parallel.pp=2\)"):
+        TrainConfig(checkpoint=CheckpointConfig(chunk_every=2), parallel=ParallelConfig(pp=2))
