@@ -49,7 +49,7 @@ def run_phase(trainer, name: str, steps: int, every: int, chunk_every: int = 0) 
     ck = trainer.cfg.checkpoint
     ck.every, ck.chunk_every = every, chunk_every
     if chunk_every and trainer.chunk_snapshots is None:
-        trainer.chunk_snapshots = trainer._chunk_snapshotter(trainer.layout)
+        trainer.chunk_snapshots = trainer._chunk_snapshotter()
     if not chunk_every:
         trainer.chunk_snapshots = None
     walls, blocks, waits = [], [], []

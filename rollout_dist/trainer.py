@@ -101,7 +101,7 @@ class Trainer:
         self.data.start(layout)
         self.engine = initialize_engine(cfg, self.model, layout, self.run_dir, self.device)
         self.checkpointer.bind(self.engine, self.context)
-        self.chunk_snapshots = self._chunk_snapshotter(layout)
+        self.chunk_snapshots = self._chunk_snapshotter()
         self.memory = MemoryPlanner(cfg, self.rollout, self.engine.module, self.data, self.context)
         if cfg.checkpoint.resuming:
             self.resume()
@@ -111,7 +111,7 @@ class Trainer:
             self.memory.check()
         log.info("run directory: %s", self.run_dir.resolve())
 
-    def _chunk_snapshotter(self, layout: RankLayout) -> ChunkSnapshotter | None:
+    def _chunk_snapshotter(self) -> ChunkSnapshotter | None:
         ck = self.cfg.checkpoint  # TrainConfig refused chunk snapshots where they cannot resume (pp > 1)
         if not ck.chunk_every:
             return None

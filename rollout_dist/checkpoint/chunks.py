@@ -26,7 +26,7 @@ import xxhash
 
 from ..model.carried_state import CarriedState
 from . import tree
-from .store import MANIFEST, CorruptSnapshot, SnapshotStore, _group_json, _sealed, _unseal, rank_name
+from .store import CorruptSnapshot, SnapshotStore, rank_name
 
 GROWING = ("positions",)
 """Per-position tensors of the carried-state layout besides the layers' K/V (which end in .key / .value)."""
@@ -59,12 +59,10 @@ class ChunkSnapshots:
     # ---------------------------------------------------------------------------------------------- writing
     def begin(self, step: int, base_version: int, stream_key, spans) -> None:
         """Starts the snapshots of the document run at step index ``step`` on ``base_version``'s weights."""
-        loc = self.store.loc
         self.rel = f"{self.step_dir(step)}/{rank_name(self.rank)}"
-        loc.remove(self.rel)
+        self.store.loc.remove(self.rel)
         for rel in ("chunks", self.step_dir(step)):
-            if loc.read(f"{rel}/zarr.json") is None:
-                loc.write_atomic(f"{rel}/zarr.json", _group_json({}))
+            self.store.ensure_group(rel)
         self.meta = {"step": step, "base_version": base_version, "stream": [int(x) for x in stream_key],
                      "spans": spans_digest(spans), "chunks": len(spans)}
         self.table, self.position, self.written = {}, 0, 0
@@ -107,7 +105,7 @@ class ChunkSnapshots:
         self.store.loc.fsync_tree(self.rel)
         small = {k: v.tolist() for k, v in sd.items() if not _grows(k)}
         body = {**self.meta, "rank": self.rank, "state": small, "arrays": self.table, "time": time.time()}
-        self.store.loc.write_atomic(f"{self.rel}/{MANIFEST}", _group_json(_sealed(body)))
+        self.store.publish(self.rel, body)
         self.written = int(sd["position"])
         self.write_seconds += time.perf_counter() - t0
         self.count += 1
@@ -122,12 +120,11 @@ class ChunkSnapshots:
     # ---------------------------------------------------------------------------------------------- reading
     def find(self, step: int, base_version: int, stream_key, spans) -> dict | None:
         """The manifest of this rank's chunk snapshot of that document, if there is one it may continue."""
-        raw = self.store.loc.read(f"{self.step_dir(step)}/{rank_name(self.rank)}/{MANIFEST}")
-        if raw is None:
-            return None
         try:
-            body = _unseal(raw, f"{self.store.url} {self.step_dir(step)}")
+            body = self.store.manifest(f"{self.step_dir(step)}/{rank_name(self.rank)}")
         except CorruptSnapshot:
+            return None
+        if body is None:
             return None
         same = (body["base_version"] == base_version and body["stream"] == [int(x) for x in stream_key]
                 and body["spans"] == spans_digest(spans))

@@ -21,7 +21,7 @@ from ..parallel import RankLayout
 
 def roles(layout: RankLayout, zero_stage: int) -> dict:
     """What this rank writes, and from which rank each part of its state is read back."""
-    model_rank = layout.pipeline_ranks(0)[layout.stage] if layout.pp > 1 else layout.stage
+    model_rank = layout.pipeline_ranks(0)[layout.stage]  # the stage's data-parallel rank 0
     return {"model": layout.dp_rank == 0, "optimizer": zero_stage > 0 or layout.dp_rank == 0,
             "model_from": model_rank, "optimizer_from": layout.rank if zero_stage > 0 else model_rank}
 

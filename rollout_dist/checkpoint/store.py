@@ -210,14 +210,12 @@ class SnapshotStore:
             m = _VERSION_DIR.match(name)
             if not m:
                 continue
-            raw = self.loc.read(f"{name}/{MANIFEST}")
-            if raw is None:
-                out.append(VersionInfo(int(m.group(1)), name, None, "no manifest (half-written)"))
-                continue
             try:
-                out.append(VersionInfo(int(m.group(1)), name, _unseal(raw, f"{self.url} {name}")))
+                body = self.manifest(name)
             except CorruptSnapshot as err:
                 out.append(VersionInfo(int(m.group(1)), name, None, str(err)))
+                continue
+            out.append(VersionInfo(int(m.group(1)), name, body, None if body else "no manifest (half-written)"))
         return sorted(out, key=lambda v: v.step)
 
     def valid_versions(self) -> list[VersionInfo]:
@@ -239,8 +237,22 @@ class SnapshotStore:
 
     # ------------------------------------------------------------------------------------------------ writing
     def ensure_root(self) -> None:
-        if self.loc.read("zarr.json") is None:
-            self.loc.write_atomic("zarr.json", _group_json({"format": FORMAT, "format_version": FORMAT_VERSION}))
+        self.ensure_group("", {"format": FORMAT, "format_version": FORMAT_VERSION})
+
+    def ensure_group(self, rel: str, attributes: dict | None = None) -> None:
+        """The Zarr group metadata of ``rel`` (``""``: the root), written unless it is there."""
+        key = f"{rel}/zarr.json" if rel else "zarr.json"
+        if self.loc.read(key) is None:
+            self.loc.write_atomic(key, _group_json(attributes or {}))
+
+    def publish(self, rel: str, body: dict) -> None:
+        """Publishes the manifest of group ``rel`` (sealed with its checksum): it appears whole or not at all."""
+        self.loc.write_atomic(f"{rel}/{MANIFEST}", _group_json(_sealed(body)))
+
+    def manifest(self, rel: str) -> dict | None:
+        """The manifest of group ``rel``; None if there is none; ``CorruptSnapshot`` if it is damaged."""
+        raw = self.loc.read(f"{rel}/{MANIFEST}")
+        return None if raw is None else _unseal(raw, f"{self.url} {rel}")
 
     def write_rank(self, step: int, rank: int, skeleton, arrays: dict[str, torch.Tensor], role: dict) -> None:
         """Writes this rank's arrays of version ``step`` under ``vSTEP/rRANK``, makes them durable and publishes
@@ -260,8 +272,7 @@ class SnapshotStore:
             table[name] = {"shape": list(a.shape), "dtype": tree.dtype_name(t), "nbytes": int(a.nbytes),
                            "xxh3": tree.checksum(a)}
         self.loc.fsync_tree(rel)
-        body = {"rank": rank, "role": role, "arrays": table, "tree": skeleton}
-        self.loc.write_atomic(f"{rel}/{MANIFEST}", _group_json(_sealed(body)))
+        self.publish(rel, {"rank": rank, "role": role, "arrays": table, "tree": skeleton})
 
     def commit(self, step: int, world: int, meta: dict, timeout_s: float = 600.0) -> dict:
         """Rank 0, after its own ``write_rank``: waits for every rank's manifest, then publishes the version's.
@@ -271,20 +282,20 @@ class SnapshotStore:
         ranks, delay = {}, 0.01
         for r in range(world):
             while True:
-                raw = self.loc.read(f"{name}/{rank_name(r)}/{MANIFEST}")
-                if raw is not None:
-                    ranks[rank_name(r)] = _unseal(raw, f"{self.url} {name}/{rank_name(r)}")
+                part = self.manifest(f"{name}/{rank_name(r)}")
+                if part is not None:
+                    ranks[rank_name(r)] = part
                     break
                 if time.monotonic() > deadline:
                     raise SnapshotError(f"{self.url} {name}: rank {r} did not finish writing its part within "
                                         f"{timeout_s:.0f} s; the version is not committed")
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
-        self.loc.write_atomic(f"{name}/zarr.json", _group_json({"step": step}))
+        self.ensure_group(name, {"step": step})
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": name, "step": step,
                 "time": time.time(), "world": world, **meta, "ranks": ranks,
                 "nbytes": sum(a["nbytes"] for r in ranks.values() for a in r["arrays"].values())}
-        self.loc.write_atomic(f"{name}/{MANIFEST}", _group_json(_sealed(body)))
+        self.publish(name, body)
         return body
 
     # ------------------------------------------------------------------------------------------------ reading

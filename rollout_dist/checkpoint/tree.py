@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def split(state, prefix: str = "") -> tuple[object, dict[str, torch.Tensor]]:
             return x if math.isfinite(x) else {"F": repr(x)}
         if isinstance(x, torch.dtype):
             return {"dtype": str(x).replace("torch.", "")}
-        if type(x) is dict or (isinstance(x, dict) and type(x).__name__ == "OrderedDict"):
+        if type(x) in (dict, OrderedDict):
             if all(type(k) is str for k in x):  # pairs, not a JSON object: the order is kept (DeepSpeed needs it)
                 return {"M": [[k, enc(v, path + [k])] for k, v in x.items()]}
             return {"D": [[enc(k, path + ["key"]), enc(v, path + [str(k)])] for k, v in x.items()]}

@@ -25,15 +25,8 @@ class HostCopy:
     def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out, cuda = {}, False
         for name, t in tensors.items():
-            t = t.detach()
-            buf = self._buffers.get(name)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                pin = t.device.type == "cuda"
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-                self._buffers[name] = buf
             cuda |= t.device.type == "cuda"
-            buf.copy_(t, non_blocking=t.device.type == "cuda")
-            out[name] = buf
+            out[name] = self._buffer(name, t).copy_(t.detach(), non_blocking=t.device.type == "cuda")
         for name in set(self._buffers) - set(tensors):
             del self._buffers[name]
         if cuda:
@@ -43,9 +36,14 @@ class HostCopy:
     def reserve(self, tensors: dict[str, torch.Tensor]) -> None:
         """Allocates the buffers ``tensors`` need (pinning host memory takes seconds: at set-up, not mid-run)."""
         for name, t in tensors.items():
-            buf = self._buffers.get(name)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                self._buffers[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            self._buffer(name, t)
+
+    def _buffer(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The buffer kept for ``name``, (re)allocated to ``t``'s shape and dtype (pinned for GPU tensors)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._buffers[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        return buf
 
     @property
     def nbytes(self) -> int:

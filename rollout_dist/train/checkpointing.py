@@ -269,15 +269,11 @@ class SnapshotCheckpointer(Checkpointer):
 
     def _read(self, v: VersionInfo) -> tuple[dict, dict, dict]:
         """(model part, optimizer part, own part) of this rank, every array checked."""
-        cache: dict[int, dict] = {}
-
         def part(rank: int, key: str):
-            if rank not in cache:
-                skeleton = v.manifest["ranks"].get(rank_name(rank), {}).get("tree")
-                if skeleton is None:
-                    raise CorruptSnapshot(f"{self.location} {v.name}: the manifest has no part of rank {rank}")
-                cache[rank] = skeleton
-            sub = tree.member(cache[rank], key)
+            skeleton = v.manifest["ranks"].get(rank_name(rank), {}).get("tree")
+            if skeleton is None:
+                raise CorruptSnapshot(f"{self.location} {v.name}: the manifest has no part of rank {rank}")
+            sub = tree.member(skeleton, key)
             _, arrays = self.store.read_rank(v, rank_name(rank), tree.array_names(sub))
             return tree.join(sub, arrays)
 
