@@ -273,8 +273,8 @@ class Trainer:
     def fit(self) -> list[StepStats]:
         """Sets up, steps to ``trainer.max_steps``, exports the final model; returns every step's stats, those
         before a resume included."""
-        self.setup()
         try:
+            self.setup()  # a store that cannot be prepared fails here, after train.log has opened
             self._steps()
             export_final(self.cfg, self.run_dir, self.engine.module, self.tokenizer, self.history, self.context)
         except SnapshotError as err:  # in train.log too, which closes below

@@ -5,6 +5,7 @@ import enum
 import json
 import os
 from collections import namedtuple
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,21 @@ def test_resume_with_another_seed_is_refused(tmp_path):
     make_trainer(tmp_path, grad_accum=1, max_steps=2, checkpoint_every=1, seed=1).fit()
     with pytest.raises(ConfigError, match=r"trainer.seed=2, but the snapshot's run used trainer.seed=1"):
         make_trainer(tmp_path, grad_accum=1, max_steps=3, checkpoint_every=1, seed=2, resume="latest").setup()
+
+
+def test_a_store_that_cannot_be_created_is_named(tmp_path):
+    """checkpoint.store under a file: one line naming the store, in train.log and on the console; exit 1."""
+    import subprocess
+    import sys
+
+    from tests.helpers import child_env
+    (tmp_path / "afile").write_text("x")
+    store = tmp_path / "afile" / "state.zarr"
+    proc = subprocess.run([sys.executable, "launch/train.py", f"checkpoint.dir={tmp_path / 'run'}",
+                           f"checkpoint.store={store}", "checkpoint.every=1", "trainer.max_steps=1",
+                           "trainer.device=cpu"], cwd=Path(__file__).resolve().parents[2],
+                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = f"checkpoint store {store}: cannot be prepared: [Errno 20] Not a directory"
+    assert line in proc.stderr.strip().splitlines()[-1]
+    assert line in (tmp_path / "run" / "train.log").read_text()
