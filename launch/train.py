@@ -2,7 +2,8 @@
 
 Hydra composes hydra_conf/ (see rollout_dist/config.py for every key); errors in the command line, the config,
 the model or the data are reported in one line naming the key or file, with exit status 2, before anything is
-written.  Log lines print above the progress bar, on stderr; train.log in the run directory has them all.
+written.  A snapshot that cannot be written exits 1; a step the coordinator's checks found not to agree (under
+``coordinator.on_mismatch=halt``) exits 3, every rank at the same step, with no snapshot of a later step published.  Log lines print above the progress bar, on stderr; train.log in the run directory has them all.
 """
 import logging
 import os
@@ -35,7 +36,7 @@ def _strip_launcher_args() -> None:
 
 @hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rollout_dist.trainer import Trainer
+    from rollout_dist.trainer import DivergenceError, Trainer
     try:
         train_cfg = to_train_config(cfg)
         trainer = Trainer(train_cfg, resolved_config=OmegaConf.to_yaml(cfg, resolve=True))
@@ -47,6 +48,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except SnapshotError:  # a snapshot could not be written (full disk, permissions): logged by the trainer
         sys.exit(1)
+    except DivergenceError:  # logged by the trainer; every rank stops here
+        trainer.close()
+        sys.exit(3)
     trainer.close()
 
 

@@ -301,6 +301,87 @@ class ParallelConfig:
                               f"(parallel.pp={self.pp})")
 
 
+MISMATCH_POLICIES = ("halt", "warn", "resync")
+COORDINATOR_TRANSPORTS = ("auto", "tcp", "mpi")
+FAULT_KINDS = ("none", "param_bitflip", "optimizer_bitflip", "state_bitflip", "p2p_corrupt", "coordinator_kill",
+               "coordinator_stall")
+
+
+@dataclass
+class CoordinatorConfig:
+    """Digests of every rank's state each chunk and step, ordered by a coordinator thread on rank 0, and the checks
+    they allow (docs/coordinator.md)."""
+
+    enabled: bool = True
+    """Check every step: parameters across data-parallel replicas, parameters and optimizer state at rest between
+    steps, each chunk's K/V against the backward pass's recompute, what pipeline stages send against what the
+    next receives."""
+    topk: int = 8
+    """Entries of largest magnitude kept in each digest (a chunk's K/V update, a parameter's update); 0: none (and
+    no copy of the parameters before each step)."""
+    on_mismatch: str = "halt"
+    """halt: stop cleanly (exit 3), publishing no snapshot newer than the last agreed step; warn: log and carry
+    on; resync: every rank rolls back to the newest snapshot of an agreed step and continues (logged)."""
+    timeout_s: float = 300.0
+    """How long a rank waits for the coordinator's verdict on the previous step (and for room in its send queue)
+    before treating the coordinator as lost: then halt stops, warn and resync carry on unchecked."""
+    transport: str = "auto"
+    """auto: mpi4py under mpirun, else a TCP side channel to rank 0; or tcp, mpi."""
+    port: int = 0
+    """TCP port rank 0 listens on (0: any free port, told to the other ranks through the process group)."""
+    queue_frames: int = 256
+    """Frames of digests a rank may have queued for sending before ``submit`` waits (bounded memory)."""
+
+    def __post_init__(self):
+        if self.on_mismatch not in MISMATCH_POLICIES:
+            raise ConfigError(f"coordinator.on_mismatch={self.on_mismatch!r} is not one of {MISMATCH_POLICIES}")
+        if self.transport not in COORDINATOR_TRANSPORTS:
+            raise ConfigError(f"coordinator.transport={self.transport!r} is not one of {COORDINATOR_TRANSPORTS}")
+        if not isinstance(self.topk, int) or not 0 <= self.topk <= 65535:
+            raise ConfigError(f"coordinator.topk must be an integer in [0, 65535], got {self.topk!r}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"coordinator.timeout_s must be positive, got {self.timeout_s}")
+        _positive("coordinator.queue_frames", self.queue_frames)
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"coordinator.port must be 0 (any free port) or a TCP port, got {self.port!r}")
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for tests of the coordinator's checks (rollout_dist/train/faults.py); off by default."""
+
+    kind: str = "none"
+    """none, param_bitflip, optimizer_bitflip, state_bitflip, p2p_corrupt, coordinator_kill, coordinator_stall."""
+    rank: int = 0
+    """Global rank the fault happens on."""
+    step: int = 1
+    """Step (1-based, as logs count) the fault happens in."""
+    chunk: int = 0
+    """state_bitflip, p2p_corrupt: the chunk."""
+    layer: int = 0
+    """state_bitflip: the (global) decoder layer."""
+    tensor: Optional[str] = None
+    """param/optimizer_bitflip: the first tensor whose name contains this (default: a decoder-layer weight; the
+    optimizer's exp_avg)."""
+    bit: int = 0
+    """Bit of the element's word that flips (0: the least significant)."""
+    index: int = 0
+    """Flat index of the element."""
+    persistent: bool = False
+    """state_bitflip: wrong from the backward recompute on, every time (else: the stored copy flips once)."""
+
+    def __post_init__(self):
+        if self.kind not in FAULT_KINDS:
+            raise ConfigError(f"fault.kind={self.kind!r} is not one of {FAULT_KINDS}")
+        _positive("fault.step", self.step)
+        if self.kind == "optimizer_bitflip" and self.step < 2:
+            raise ConfigError("fault.kind=optimizer_bitflip needs fault.step >= 2: the optimizer state exists once "
+                              "the first step has run")
+        for key in ("rank", "chunk", "layer", "bit", "index"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ConfigError(f"fault.{key} must be a non-negative integer, got {getattr(self, key)!r}")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -310,8 +391,13 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self):
+        if self.fault.kind != "none" and not self.coordinator.enabled:
+            raise ConfigError(f"fault.kind={self.fault.kind} tests the coordinator's checks: set "
+                              "coordinator.enabled=true")
         if self.checkpoint.chunk_every and (self.parallel.pp > 1 or self.rollout.mode != "exact"):
             raise ConfigError(f"checkpoint.chunk_every={self.checkpoint.chunk_every} needs rollout.mode=exact on one "
                               f"pipeline stage (this run: rollout.mode={self.rollout.mode}, parallel.pp="

@@ -37,12 +37,13 @@ from .train.metrics import (ConsoleSink, JsonlSink, MetricsSink, StepStats, Tens
                             peak_memory_gib)
 from .train.model_setup import build_trainable_model, trim_to_this_stage
 from .train.planner import MemoryPlanner, check_host_fits
+from .train.verification import DivergenceError, Resync, Verifier
 
 log = logging.getLogger("rollout_dist")
 
 StepHook = Callable[[StepStats], None]
 
-__all__ = ["StepStats", "Trainer"]
+__all__ = ["DivergenceError", "StepStats", "Trainer"]
 
 
 class Trainer:
@@ -71,6 +72,7 @@ class Trainer:
         self.engine = None
         self.chunk_snapshots: ChunkSnapshotter | None = None
         self.memory: MemoryPlanner | None = None
+        self.verifier: Verifier | None = None
         self.train_log: TrainLog | None = None
         self.step = 0
         self.history: list[StepStats] = []
@@ -109,6 +111,11 @@ class Trainer:
         self._log_setup(counts)
         if self.device.type == "cuda":
             self.memory.check()
+        if cfg.coordinator.enabled:
+            self.verifier = Verifier(cfg, self.context, self.engine, self.rollout,
+                                     getattr(self.checkpointer, "store", None))
+            self.checkpointer.gate = self.verifier.gate
+            self.verifier.start(self.step)
         log.info("run directory: %s", self.run_dir.resolve())
 
     def _chunk_snapshotter(self) -> ChunkSnapshotter | None:
@@ -216,16 +223,20 @@ class Trainer:
             bar = (chunk_bar(f"document {i + 1}/{len(window)}, {len(doc.input_ids):,} tokens", len(spans))
                    if self.context.is_main else None)
             stream = self.streams.document(self.step, self.data.stream_id(doc))
-            state, snapshot_hooks = None, []
+            input_ids = torch.tensor([doc.input_ids], device=self.device)
+            state, doc_hooks = None, []
+            if self.verifier is not None:
+                doc_hooks = self.verifier.document(self.data.stream_id(doc), input_ids, spans, stream)
             if self.chunk_snapshots is not None:
-                state, snapshot_hooks = self.chunk_snapshots.document(
+                state, chunk_hooks = self.chunk_snapshots.document(
                     self.rollout, self.engine.module, step=self.step, base_version=self.checkpointer.base_step,
                     first_in_window=i == 0, length=len(doc.input_ids), stream=stream, spans=spans)
+                doc_hooks = [*chunk_hooks, *doc_hooks]
             try:
-                result = self.rollout.run(self.engine.module, torch.tensor([doc.input_ids], device=self.device),
+                result = self.rollout.run(self.engine.module, input_ids,
                                           loss_normalizer=normalizer, spans=spans,
                                           backward=self._chunk_backward(i == len(window) - 1, len(spans)),
-                                          stream=stream, state=state, hooks=[*snapshot_hooks, *self.chunk_hooks],
+                                          stream=stream, state=state, hooks=[*doc_hooks, *self.chunk_hooks],
                                           progress=bar)
             finally:
                 if bar is not None:
@@ -253,9 +264,15 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
+        if self.verifier is not None:
+            self.verifier.begin_step(self.step + 1)
         loss_sum, tokens, chunks = self.accumulate(self.data.next_window(self.cfg.trainer.grad_accum))
         lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
+        if self.verifier is not None:
+            self.verifier.before_optimizer()  # raises on a disagreement of the previous step (the policy's)
         self.engine.step()
+        if self.verifier is not None:
+            self.verifier.after_optimizer()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
@@ -280,7 +297,13 @@ class Trainer:
         except SnapshotError as err:  # in train.log too, which closes below
             log.error("%s", err)
             raise
+        except DivergenceError as err:  # every rank stops here, at the same step
+            log.error("%s", err)
+            self.checkpointer.close()  # the unagreed snapshot is withheld, not half-published
+            raise
         finally:
+            if self.verifier is not None:
+                self.verifier.close()
             self._close_train_log()  # after the export: its lines belong to the run's log too
         return self.history
 
@@ -290,15 +313,35 @@ class Trainer:
         reporters = [*sinks, self.train_log] if self.train_log is not None else sinks
         hooks = [self._checkpoint_if_due, *(r.on_step for r in reporters), *self.step_hooks]
         try:
-            while self.step < self.cfg.trainer.max_steps:
-                stats = self.train_step()
-                self.history.append(stats)
-                for hook in hooks:
-                    hook(stats)
+            while True:
+                try:
+                    while self.step < self.cfg.trainer.max_steps:
+                        stats = self.train_step()
+                        self.history.append(stats)
+                        for hook in hooks:
+                            hook(stats)
+                    if self.verifier is not None:
+                        self.verifier.finish()  # the last step's verdict
+                    break
+                except Resync as request:  # coordinator.on_mismatch=resync: back to an agreed step, then on
+                    self._resync(request)
             self.checkpointer.close()  # the last snapshot is committed before the run reports success
         finally:
             for sink in sinks:
                 sink.close()
+
+    def _resync(self, request: Resync) -> None:
+        """Every rank (all act on the same verdict) reloads the newest snapshot of an agreed step."""
+        for line in request.lines:
+            log.warning("%s", line)
+        state = self.checkpointer.load(at_most=request.agreed)
+        if state is None:
+            raise DivergenceError(f"coordinator.on_mismatch=resync, but no snapshot of an agreed step (at most "
+                                  f"{request.agreed}) exists to roll back to: set checkpoint.every; stopping")
+        self.load_state_dict(state)
+        self.engine.zero_grad()  # the abandoned step's gradients
+        self.verifier.rolled_back(self.step)
+        log.warning("resync: every rank rolled back to step %d and continues from there", self.step)
 
     def _open_sinks(self) -> list[MetricsSink]:
         """Where rank 0 reports each step (the other ranks report nothing); train.log, open since set-up, gets

@@ -146,6 +146,9 @@ class Rollout(ABC):
         self.keep_attention, self.keep_tokens = keep_attention, keep_tokens
         self.kernel = ChunkKernel(attention)
         """The attention kernel and what it learns (a backend's refusal of grouped K/V heads): this rollout's own."""
+        self.state_observer = None
+        """Set as the ``observer`` of every state this rollout runs (told each chunk's K/V: rollout_dist.model.
+        kv_state ``observe_kv``): the coordinator's digests."""
 
     def spans(self, length: int) -> list[tuple[int, int]]:
         return fixed_spans(length, self.chunk_size)
@@ -212,6 +215,8 @@ class Rollout(ABC):
             stream = (StreamKey(*state.stream_key) if state.stream_key is not None
                       else StreamKey.from_default_generator())
         state.stream_key = (stream.seed, stream.step, stream.document)
+        if self.state_observer is not None:
+            state.observer = self.state_observer
         state.keep_outputs(self.keep_attention, self.keep_tokens, doc.length)
         state.position_ids = doc.positions
         return state, own, stream

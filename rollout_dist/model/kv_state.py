@@ -75,6 +75,8 @@ class KVState(CarriedState):
     # filled when ``verify_recompute`` is on: max |recomputed - stored| over layers, per chunk (debug aid)
     verify_recompute: bool = False
     recompute_mismatch: list[float] = field(default_factory=list)
+    # told of every chunk's K/V as they are written (fill) or recomputed (``observe_kv``): digests, fault tests
+    observer: object | None = None
     # where the document stands (the rollout advances these after each chunk)
     fill_chunks: int = 0
     backward_chunks: int = 0
@@ -217,13 +219,25 @@ class KVState(CarriedState):
             vbuf[:, s:e].copy_(value.transpose(1, 2))
             if layer_idx == len(self.keys) - 1:
                 self.filled = max(self.filled, e)
+            self.observe_kv(layer_idx, s, e, kbuf[:, s:e], vbuf[:, s:e])
             return kbuf[:, :e].transpose(1, 2), vbuf[:, :e].transpose(1, 2)
+        self.observe_kv(layer_idx, s, e, key.detach().transpose(1, 2), value.detach().transpose(1, 2),
+                        *((kbuf[:, s:e], vbuf[:, s:e]) if e <= self.filled else ()))
         if self.verify_recompute and e <= self.filled:
             diff = max((key.detach().transpose(1, 2) - kbuf[:, s:e]).abs().max().item(),
                        (value.detach().transpose(1, 2) - vbuf[:, s:e]).abs().max().item())
             self.recompute_mismatch.append(diff)
         return (_CarriedKV.apply(key, kbuf, self, layer_idx, "k", s, self.filled),
                 _CarriedKV.apply(value, vbuf, self, layer_idx, "v", s, self.filled))
+
+    def observe_kv(self, layer: int, start: int, end: int, key: torch.Tensor, value: torch.Tensor,
+                   stored_key: torch.Tensor | None = None, stored_value: torch.Tensor | None = None) -> None:
+        """Hands the observer (if any) local ``layer``'s K/V of the chunk [start, end) in the canonical layout
+        (B, c, kv_heads, head_dim): as the fill pass wrote them, or as the recompute made them, with what the
+        state holds for the chunk (``stored_*``, None for the last chunk, which the fill pass never stores)."""
+        if self.observer is not None:
+            self.observer.on_chunk_kv(self.phase, self.layer_offset + layer, start, end, key, value, stored_key,
+                                      stored_value)
 
     def grad_buffer(self, layer: int, kind: str, end: int) -> torch.Tensor:
         """dK (kind "k") or dV ("v") of ``layer``, valid on [0, end); written in place by the backward pass."""

@@ -354,12 +354,13 @@ class OffloadedKVState(KVState):
             return super().update(key, value, layer_idx, *args, **kwargs)
         s, e = self.start, self.start + key.shape[2]
         last = layer == self.offloaded - 1  # the last layer of the rings
-        out, mismatch = [], []
+        out, mismatch, seen = [], [], []
         for kind, fresh in (("k", key), ("v", value)):
             ring = self.rings[kind]
             if self.phase == "fill":
                 slot, buf = ring.acquire(layer, s)
                 buf[:, s:e].copy_(fresh.transpose(1, 2))
+                seen.append(buf[:, s:e])
                 ring.extend(slot, e)
                 ring.write(slot, s, e)
                 # the next layer's prefix now; after the last layer, layer 0's for the next chunk ([0, e))
@@ -368,6 +369,7 @@ class OffloadedKVState(KVState):
                 continue
             stored = e <= self.filled  # else the chunk is the last one, never stored by the fill pass
             slot, buf = ring.acquire(layer, e if stored else s)
+            seen.append((fresh.detach().transpose(1, 2), buf[:, s:e] if stored else None))
             if self.verify_recompute and stored:
                 mismatch.append((fresh.detach().transpose(1, 2) - buf[:, s:e]).abs().max().item())
             out.append(_CarriedKV.apply(fresh, buf, self, layer, kind, s, self.filled))
@@ -378,6 +380,10 @@ class OffloadedKVState(KVState):
                 ring.prefetch(layer + 1, e)
             elif kind in self.grad_rings:
                 self.grad_rings[kind].prefetch(layer, e)  # backward starts with the last layer
+        if self.phase == "fill":
+            self.observe_kv(layer, s, e, seen[0], seen[1])
+        else:
+            self.observe_kv(layer, s, e, seen[0][0], seen[1][0], seen[0][1], seen[1][1])
         if mismatch:  # one entry per chunk and layer, as KVState records it
             self.recompute_mismatch.append(max(mismatch))
         if layer == self.num_layers - 1 and self.phase == "fill":

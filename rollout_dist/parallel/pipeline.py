@@ -37,16 +37,20 @@ class PipelineRollout(Rollout):
         super().__init__(chunk_size, attention=attention, keep_attention=keep_attention, vocab_tile=vocab_tile,
                          keep_tokens=keep_tokens)
         self.layout = layout
+        self.p2p_watch = None
+        """Called with every tensor this stage sends or receives (``P2P.watch``): digests, fault tests."""
 
     def new_state(self, model: torch.nn.Module, batch: int, length: int) -> KVState:
         return CausalLMAdapter(model).new_state(batch, length)
 
-    def _stage_input(self, adapter: CausalLMAdapter, p2p: P2P, chunk_ids: torch.Tensor, grad: bool) -> torch.Tensor:
+    def _stage_input(self, adapter: CausalLMAdapter, p2p: P2P, chunk_ids: torch.Tensor, grad: bool,
+                     tag: tuple = ()) -> torch.Tensor:
         """A chunk's input to this stage: embedded on the first stage, else the hidden states the stage before
         sends (a leaf that requires grad in the recompute, so its gradient can be sent back)."""
         if adapter.has_embedding:
             return adapter.embed(chunk_ids)
-        h = p2p.recv((*chunk_ids.shape, adapter.hidden_size), adapter.dtype, adapter.device, self.layout.prev_rank)
+        h = p2p.recv((*chunk_ids.shape, adapter.hidden_size), adapter.dtype, adapter.device, self.layout.prev_rank,
+                     tag)
         return h.requires_grad_(grad)
 
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -65,13 +69,15 @@ class PipelineRollout(Rollout):
         state, own, stream = self.attach(model, doc, state, stream, stop_at)
         spans, targets, batch = doc.spans, doc.targets, doc.batch
         n = len(spans)
-        p2p = P2P()
+        p2p = P2P(watch=self.p2p_watch)
 
         def hidden_shape(s, e):
             return (batch, e - s, adapter.hidden_size)
 
-        def stage_input(s, e, grad: bool):
-            return self._stage_input(adapter, p2p, doc.input_ids[:, s:e], grad)
+        def stage_input(c, grad: bool):
+            s, e = spans[c]
+            return self._stage_input(adapter, p2p, doc.input_ids[:, s:e], grad, ("recompute" if grad else "fill", c,
+                                                                                 "hidden"))
 
         def layers(c, h, phase):
             return adapter.forward_layers(h, spans[c][0], state, phase=phase, kernel=self.kernel,
@@ -82,13 +88,13 @@ class PipelineRollout(Rollout):
         def recompute(c):
             s, e = spans[c]
             with torch.enable_grad():
-                h_in = stage_input(s, e, grad=True)
+                h_in = stage_input(c, grad=True)
                 h = layers(c, h_in, "recompute")
                 if adapter.has_head:
                     ce = head_cross_entropy_sum(adapter.final_norm(h), adapter.head, targets[:, s:e], self.vocab_tile)
                     pending[c] = (h_in, ce)
                 else:
-                    p2p.send(h, lay.next_rank)
+                    p2p.send(h, lay.next_rank, ("recompute", c, "hidden"))
                     pending[c] = (h_in, h)
 
         def run_backward(c):
@@ -98,10 +104,10 @@ class PipelineRollout(Rollout):
                 backward(out / normalizer)
                 state.loss_sum += out.detach().to(torch.float64)
             else:
-                dh = p2p.recv(hidden_shape(s, e), dtype, device, lay.next_rank)
+                dh = p2p.recv(hidden_shape(s, e), dtype, device, lay.next_rank, ("backward", c, "grad"))
                 backward((out * dh).sum())  # d/d(out) of <out, dh> is dh: continues the chain rule
             if not adapter.has_embedding:
-                p2p.send(h_in.grad, lay.prev_rank)
+                p2p.send(h_in.grad, lay.prev_rank, ("backward", c, "grad"))
             self.chunk_done(state, "backward", c, spans[c], hooks, progress, n)
 
         if not state.grads_allocated:
@@ -112,10 +118,9 @@ class PipelineRollout(Rollout):
                     for c in range(state.fill_chunks, n - 1):
                         if stops_here(stop_at, state):
                             return self.result(doc, state, False, adapter.has_head)
-                        s, e = spans[c]
-                        h = layers(c, stage_input(s, e, grad=False), "fill")
+                        h = layers(c, stage_input(c, grad=False), "fill")
                         if not adapter.has_head:
-                            p2p.send(h, lay.next_rank)
+                            p2p.send(h, lay.next_rank, ("fill", c, "hidden"))
                         self.chunk_done(state, "fill", c, spans[c], hooks, progress, n - 1)
                 if stops_here(stop_at, state):
                     return self.result(doc, state, False, adapter.has_head)

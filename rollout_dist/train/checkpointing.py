@@ -35,6 +35,10 @@ class Checkpointer(ABC):
     """The step whose saved (or loaded) snapshot the engine's current weights are: chunk snapshots of the
     next step's document depend on it."""
 
+    gate = None
+    """Called by rank 0 as ``gate(step)`` before it publishes the snapshot of ``step``: False withholds it (the
+    verification role's verdict that the step did not agree: rollout_dist.train.verification)."""
+
     def bind(self, engine, context: RunContext) -> None:
         self.engine, self.context = engine, context
 
@@ -53,9 +57,9 @@ class Checkpointer(ABC):
         calls it).  A crash while saving must leave the previous checkpoint the one ``load`` finds."""
 
     @abstractmethod
-    def load(self) -> dict | None:
-        """Loads the newest complete checkpoint into the engine and returns its ``client_state``; None if there
-        is none that loads."""
+    def load(self, at_most: int | None = None) -> dict | None:
+        """Loads the newest complete checkpoint (of a step up to ``at_most``, if given) into the engine and
+        returns its ``client_state``; None if there is none that loads."""
 
     def poll(self) -> None:
         """Raises the error of a save that failed in the background (none here)."""
@@ -133,6 +137,9 @@ class SnapshotCheckpointer(Checkpointer):
         t0 = time.perf_counter()
         try:
             self.store.write_rank(step, rank, skeleton, arrays, self.role)
+            if rank == 0 and self.gate is not None and not self.gate(step):
+                return (f"snapshot {version_name(step)} not published: step {step} did not agree (or its verdict "
+                        "never came); the newest published snapshot is of an agreed step")
             if rank == 0:
                 body = self.store.commit(step, world, meta, self.cfg.commit_timeout_s)
                 self._retain()
@@ -202,9 +209,12 @@ class SnapshotCheckpointer(Checkpointer):
                 log.info("%s", line)
 
     # ------------------------------------------------------------------------------------------------- load
-    def load(self) -> dict | None:
+    def load(self, at_most: int | None = None) -> dict | None:
+        """The newest valid snapshot ``checkpoint.resume`` allows (with ``at_most``: the newest of a step up to
+        that, for a rollback), put into the engine; returns the loop's state, or None where there is none."""
         self.writer.wait()  # a snapshot of this process still being written counts
-        versions = self._candidates()
+        versions = self._candidates() if at_most is None else [v for v in self._candidates(latest=True)
+                                                                if v.step <= at_most]
         damaged: list[VersionInfo] = []
         for v in reversed(versions):
             self._check_layout(v)
@@ -232,7 +242,7 @@ class SnapshotCheckpointer(Checkpointer):
                     f" (damaged: {', '.join(v.name for v in damaged)})" if damaged else "")
         return None
 
-    def _candidates(self) -> list[VersionInfo]:
+    def _candidates(self, latest: bool = False) -> list[VersionInfo]:
         """The valid versions ``checkpoint.resume`` may load, oldest first (rank 0's listing, so that every rank
         tries the same)."""
         listed = self.store.versions()
@@ -245,7 +255,7 @@ class SnapshotCheckpointer(Checkpointer):
             box = [versions]
             torch.distributed.broadcast_object_list(box, src=0)
             versions = box[0]
-        target = self.cfg.resume_version
+        target = None if latest else self.cfg.resume_version
         if target is None:
             return versions
         newer = [v.name for v in versions if v.step > target]
