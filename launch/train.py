@@ -3,7 +3,8 @@
 Hydra composes hydra_conf/ (see rollout_dist/config.py for every key); errors in the command line, the config,
 the model or the data are reported in one line naming the key or file, with exit status 2, before anything is
 written.  A snapshot that cannot be written exits 1; a step the coordinator's checks found not to agree (under
-``coordinator.on_mismatch=halt``) exits 3, every rank at the same step, with no snapshot of a later step published.  Log lines print above the progress bar, on stderr; train.log in the run directory has them all.
+``coordinator.on_mismatch=halt``) exits 3, every rank at the same step, with no snapshot of a later step published.
+Log lines print above the progress bar, on stderr; train.log in the run directory has them all.
 """
 import logging
 import os
