@@ -30,7 +30,6 @@ on the rank that made them.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import selectors
 import socket
@@ -441,7 +440,3 @@ class CoordinatorClient:
         self.receiver.join(timeout=5.0)
         self.link.close()
 
-
-def under_mpirun() -> bool:
-    return "RANK" not in os.environ and any(v in os.environ for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK",
-                                                                        "PMIX_RANK"))

@@ -22,6 +22,12 @@ def local_rank() -> int:
 
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+_launched_by_mpi = False
+
+
+def launched_by_mpi() -> bool:
+    """Whether ``init_distributed`` found an MPI launch (mpirun; its ranks discovered through mpi4py)."""
+    return _launched_by_mpi
 
 
 def init_distributed(device: torch.device) -> None:
@@ -32,7 +38,9 @@ def init_distributed(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    global _launched_by_mpi
     if "RANK" not in os.environ and any(v in os.environ for v in _MPI_RANK_VARS):
+        _launched_by_mpi = True
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True)
         return
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):

@@ -25,6 +25,7 @@ says it agrees (``gate``, called by rank 0's background writer).
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -36,9 +37,10 @@ import torch
 from ..config import TrainConfig
 from ..coordinator import digest as dg
 from ..coordinator.service import (CoordinatorClient, CoordinatorLost, Hub, MpiHubLink, MpiRankLink, TcpHubLink,
-                                   TcpRankLink, under_mpirun)
+                                   TcpRankLink)
 from ..engine.rollout import ChunkEvent
 from ..model import CausalLMAdapter
+from ..parallel.launch import launched_by_mpi
 from .faults import FaultInjector
 
 log = logging.getLogger("rollout_dist")
@@ -114,6 +116,7 @@ class Verifier:
         self.verdicts: dict[int, list[str]] = {}
         self.verdict_cond = threading.Condition()
         self.agreed = 0  # the newest step every check agreed on
+        self.submitted = -1  # the newest step whose records (STEP_END included) went to the coordinator
         self.bytes_per_step: list[int] = []
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -122,21 +125,33 @@ class Verifier:
         hashes of the state the run starts from (step ``step``: 0, or the step a resume continues)."""
         self.agreed = step
         self._open()
+        records = self.attach(step)
+        if step and self.store is not None:
+            self._check_against_log(step, records)
+
+    def attach(self, step: int) -> list[dg.Digest]:
+        """Hooks the rollout (chunk K/V, pipeline transfers) and takes the at-rest hashes of the state at
+        ``step``; returns those records.  ``detach`` undoes the hooks (a benchmark's unchecked steps)."""
         self.rollout.state_observer = self
         if hasattr(self.rollout, "p2p_watch"):
             self.rollout.p2p_watch = self._on_p2p
+        self.chunk_red, self.step_red, self.pending = [], [], defaultdict(list)
         self._hash_step_tensors(dg.PARAM, dg.OPTIM, k=0)
         self._sync()
         records = self._finish_step_records(step)
-        if step and self.store is not None:
-            self._check_against_log(step, records)
         for r in records:
             self.last_hash[(r.kind, r.name)] = r.hash
+        return records
+
+    def detach(self) -> None:
+        self.rollout.state_observer = None
+        if hasattr(self.rollout, "p2p_watch"):
+            self.rollout.p2p_watch = None
 
     def _open(self) -> None:
         world, transport = self.context.world, self.co.transport
         if transport == "auto":
-            transport = "mpi" if under_mpirun() else "tcp"
+            transport = "mpi" if launched_by_mpi() else "tcp"
         stages = {r: r % self.layout.pp for r in range(world)}
         stall_at, kill_at = self.faults.coordinator_fault()
         if transport == "mpi":
@@ -154,7 +169,6 @@ class Verifier:
                 self.hub = Hub(hub_link, world, stages, self.cfg.trainer.zero_stage, self._on_batch, stall_at,
                                kill_at)
                 self.hub.start()
-                import os
                 address = (os.environ.get("MASTER_ADDR") if world > 1 else None) or "127.0.0.1", hub_link.port
             if world > 1:
                 box = [address]
@@ -237,7 +251,7 @@ class Verifier:
         records = self._finish_chunk_records(step) + self._finish_step_records(step)
         records += self._chunk_checks(step, records) + self._at_rest_checks(step, records)
         self._submit(records)
-        if step > 1:
+        if self.submitted == step - 1 and step > 1:
             self._act_on(step - 1)
 
     def after_optimizer(self) -> None:
@@ -251,12 +265,13 @@ class Verifier:
                 self.last_hash[(r.kind, r.name)] = r.hash
         records.append(self._record(dg.STEP_END, step, "", hash_alg=dg.HASH_NONE))
         self._submit(records)
+        self.submitted = step
         if self.client is not None:
             self.bytes_per_step.append(self.client.bytes_sent)
 
     def finish(self) -> None:
         """After the last step: its verdict (the final model is exported only if the run agreed)."""
-        if self.step:
+        if self.step and self.submitted == self.step:
             self._act_on(self.step)
 
     # -------------------------------------------------------------------------------------------- hashing
@@ -436,12 +451,8 @@ class Verifier:
                 del self.verdicts[s]
         if self.client is not None:
             self.client.rollback(step)
-        self.chunk_red, self.step_red, self.pending = [], [], defaultdict(list)
-        self._hash_step_tensors(dg.PARAM, dg.OPTIM, k=0)
-        self._sync()
-        for r in self._finish_step_records(step):
-            self.last_hash[(r.kind, r.name)] = r.hash
-        self.agreed = step
+        self.attach(step)
+        self.agreed, self.submitted = step, -1  # step was agreed: no verdict to wait for
 
     # ----------------------------------------------------------------------------------------------- log
     def _on_batch(self, step: int, batch: list[dg.Digest], verdict: list[str]) -> None:

@@ -91,3 +91,17 @@ def test_cpu_hash_is_xxh64_of_the_canonical_bytes_and_topk_is_by_magnitude():
         assert vals.tolist() == flat[idx].tolist()
         assert abs(vals[-1]) >= flat.abs().sort(descending=True).values[3].item()
     state.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the block checksum's device path)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_gpu_block_checksum_equals_the_cpu_one(dtype):
+    torch.manual_seed(0)
+    t = torch.randn(3, 1000, 4, 64).to(dtype)
+    assert dg.block_checksum(t.cuda()).cpu().tolist() == dg.block_checksum(t).tolist()
+    red = dg.Reduction(t.cuda(), 8)
+    red.to_host()
+    torch.cuda.synchronize()
+    alg, h, idx, vals = red.finish()
+    assert alg == dg.HASH_BLOCK64 and h == xxhash.xxh64_intdigest(dg.block_checksum(t).numpy().tobytes())
+    assert vals.tolist() == t.reshape(-1)[torch.from_numpy(idx)].double().tolist()
