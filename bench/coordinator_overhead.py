@@ -54,7 +54,7 @@ def run_phase(trainer: Trainer, verifier, name: str, steps: int) -> dict:
     else:
         verifier.detach()
         trainer.verifier = None
-    sent0 = verifier.client.bytes_sent
+    sent0, secs0 = verifier.client.bytes_sent, dict(verifier.seconds)
     walls = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -65,7 +65,10 @@ def run_phase(trainer: Trainer, verifier, name: str, steps: int) -> dict:
         verifier.finish()  # the phase's last verdict, inside the phase's time
     return {"phase": name, "steps": steps, "step_s": [round(w, 3) for w in walls],
             "step_s_mean": sum(walls) / len(walls), "tok_s": round(stats.tokens / (sum(walls) / len(walls)), 1),
-            "bytes_sent_per_step": (verifier.client.bytes_sent - sent0) / steps}
+            "bytes_sent_per_step": (verifier.client.bytes_sent - sent0) / steps,
+            # per step: hashing before the optimizer step (chunk checks, at-rest hashes, the copy of the weights),
+            # waiting for the previous verdict, hashing after it; the chunk digests run inside the rollout
+            **{f"{k}_s": round((v - secs0.get(k, 0.0)) / steps, 4) for k, v in verifier.seconds.items()}}
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ d = Path(sys.argv[1]); d.mkdir(exist_ok=True)
 for i in range(4):  # one document per replica per step
     write_document(d, int(sys.argv[2]), seed=i); (d / "doc.txt").rename(d / f"doc{i}.txt")
 PY
+case "${1:-overhead}" in none) exit 0;; esac  # "none": only the documents
 COMMON="model=tinyllama_1b rollout.chunk_size=0 rollout.keep_attention=true trainer.zero_stage=1 data.shuffle=false"
 case "${1:-overhead}" in
   tests)

@@ -11,11 +11,12 @@ Hash functions (``Digest.hash_alg``):
   (the canonical layout of ``CarriedState.state_dict``: (B, positions, kv_heads, head_dim) for K/V).  Used for
   tensors on the CPU.  Not the snapshot manifests' function: those use XXH3-64 (``xxhash.xxh3_64``).
 * ``HASH_BLOCK64`` (2): for tensors on a GPU, ``xxh64`` of a block checksum computed on the GPU
-  (``block_checksum``): the bytes (zero-padded to whole 32-bit words) are read as unsigned 32-bit words
-  w_0..w_{n-1}, split into ``BLOCKS`` blocks of ``ceil(n / BLOCKS)`` words (the last zero-padded), and block b's
-  checksum is sum_j w_{b,j} * (2j + 1) mod 2^64; the record's hash is ``xxh64`` of those ``BLOCKS`` little-endian
-  int64 values.  Any single flipped bit changes its block's sum by an odd multiple of a power of two below 2^32,
-  which is never 0 mod 2^64, so a one-bit fault is always seen; it is not xxh64 of the bytes and matches no
+  (``block_checksum``): the bytes (zero-padded to whole 32-bit words) are read as signed 32-bit little-endian
+  words w_0..w_{n-1}, split into ``BLOCKS`` blocks of ``ceil(n / BLOCKS)`` words (the last zero-padded), and block
+  b's checksum is the exact int64 sum over j of wrap32(w_{b,j} * (2j + 1)), where wrap32 is two's-complement
+  32-bit wrap-around; the record's hash is ``xxh64`` of those ``BLOCKS`` little-endian int64 values.  A single
+  flipped bit changes one product by an odd multiple of a power of two below 2^32, which is never 0 mod 2^32, so
+  that block's sum changes: a one-bit fault is always seen.  It is not xxh64 of the bytes and matches no
   manifest.  ``block_checksum`` gives the same values on the CPU, so the two are comparable when needed.
 
 Top-K: the ``k`` entries of largest magnitude of the tensor (a state update's K/V, a parameter's update), as flat
@@ -179,31 +180,49 @@ def unpack_all(buf: bytes | memoryview) -> list[Digest]:
 
 # ------------------------------------------------------------------------------------------- reductions
 def _words(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as unsigned 32-bit words in int64 (zero-padded to a whole word)."""
+    """The tensor's bytes as signed 32-bit words (zero-padded to a whole word); no copy when already whole."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     pad = (-raw.numel()) % 4
     if pad:
         raw = torch.cat([raw, raw.new_zeros(pad)])
-    return raw.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return raw.view(torch.int32)
 
 
 def block_checksum(t: torch.Tensor, blocks: int = BLOCKS) -> torch.Tensor:
-    """(``blocks``,) int64 on the tensor's device: see the module docstring (``HASH_BLOCK64``)."""
+    """(``blocks``,) int64 on the tensor's device: see the module docstring (``HASH_BLOCK64``).  The products stay
+    32-bit (one int32 temporary the size of the tensor) and only the sums widen: a step hashes every parameter and
+    optimizer moment twice, so memory traffic is what this costs."""
     w = _words(t)
     per = max(1, -(-w.numel() // blocks))
-    if w.numel() < per * blocks:
+    if w.numel() != per * blocks:
         w = torch.cat([w, w.new_zeros(per * blocks - w.numel())])
-    weights = torch.arange(1, 2 * per, 2, dtype=torch.int64, device=w.device)
-    return (w.view(blocks, per) * weights).sum(dim=1)
+    weights = torch.arange(1, 2 * per, 2, dtype=torch.int32, device=w.device)
+    return (w.view(blocks, per) * weights).sum(dim=1, dtype=torch.int64)
 
 
-def topk(t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices and values (float64) of the ``k`` entries of largest magnitude, on the tensor's device."""
+def topk(t: torch.Tensor, k: int, group: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices and values (float64) of the ``k`` entries of largest magnitude, on the tensor's device.
+
+    Large tensors go in two stages, exact up to ties: the largest magnitude of each group of ``group`` entries,
+    the ``k`` groups with the largest of those (every one of the top ``k`` entries lies in one of them: a group
+    holding one has a maximum at least the k-th largest entry, and at most k groups do), then the top ``k`` of
+    those groups' entries.  One pass over the tensor instead of a selection over all of it."""
     flat = t.detach().reshape(-1)
     k = min(k, flat.numel())
     if k == 0:
         return flat.new_zeros(0, dtype=torch.int64), flat.new_zeros(0, dtype=torch.float64)
-    idx = torch.topk(flat.float().abs(), k, sorted=True).indices
+    n = flat.numel()
+    if n <= 64 * group:
+        idx = torch.topk(flat.float().abs(), k, sorted=True).indices
+        return idx, flat[idx].to(torch.float64)
+    whole = n // group * group
+    mags = flat[:whole].view(-1, group).abs().amax(dim=1).float()
+    groups = torch.topk(mags, min(k, mags.numel()), sorted=False).indices
+    cand = (groups[:, None] * group + torch.arange(group, device=flat.device)).reshape(-1)
+    if whole < n:  # the tail that fills no whole group: always a candidate
+        cand = torch.cat([cand, torch.arange(whole, n, device=flat.device)])
+    pick = torch.topk(flat[cand].float().abs(), k, sorted=True).indices
+    idx = cand[pick]
     return idx, flat[idx].to(torch.float64)
 
 

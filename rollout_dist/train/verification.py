@@ -117,7 +117,7 @@ class Verifier:
         self.verdict_cond = threading.Condition()
         self.agreed = 0  # the newest step every check agreed on
         self.submitted = -1  # the newest step whose records (STEP_END included) went to the coordinator
-        self.bytes_per_step: list[int] = []
+        self.seconds: dict[str, float] = defaultdict(float)  # wall time of the step-level work (benchmarks)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def start(self, step: int) -> None:
@@ -243,7 +243,7 @@ class Verifier:
 
     def before_optimizer(self) -> None:
         """After the step's backward passes, before its optimizer step (module docstring, 3)."""
-        step = self.step
+        step, t0 = self.step, time.perf_counter()
         self._hash_step_tensors(dg.PARAM_BEFORE, dg.OPTIM_BEFORE, k=0)
         if self.k:
             self.before = {n: p.detach().clone() for n, p in self.engine.module.named_parameters()}
@@ -251,11 +251,14 @@ class Verifier:
         records = self._finish_chunk_records(step) + self._finish_step_records(step)
         records += self._chunk_checks(step, records) + self._at_rest_checks(step, records)
         self._submit(records)
+        self.seconds["before_optimizer"] += time.perf_counter() - t0
         if self.submitted == step - 1 and step > 1:
+            t0 = time.perf_counter()
             self._act_on(step - 1)
+            self.seconds["verdict_wait"] += time.perf_counter() - t0
 
     def after_optimizer(self) -> None:
-        step = self.step
+        step, t0 = self.step, time.perf_counter()
         self._hash_step_tensors(dg.PARAM, dg.OPTIM, k=self.k)
         self._sync()
         records = self._finish_step_records(step)
@@ -266,8 +269,7 @@ class Verifier:
         records.append(self._record(dg.STEP_END, step, "", hash_alg=dg.HASH_NONE))
         self._submit(records)
         self.submitted = step
-        if self.client is not None:
-            self.bytes_per_step.append(self.client.bytes_sent)
+        self.seconds["after_optimizer"] += time.perf_counter() - t0
 
     def finish(self) -> None:
         """After the last step: its verdict (the final model is exported only if the run agreed)."""

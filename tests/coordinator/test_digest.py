@@ -38,14 +38,14 @@ def test_record_round_trips_and_refuses_damage():
 def _reference_block_checksum(t: torch.Tensor, blocks: int) -> list[int]:
     raw = t.contiguous().view(torch.uint8).numpy().tobytes()
     raw += b"\0" * (-len(raw) % 4)
-    words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+    words = [int.from_bytes(raw[i:i + 4], "little", signed=True) for i in range(0, len(raw), 4)]
     per = max(1, -(-len(words) // blocks))
     words += [0] * (per * blocks - len(words))
-    out = []
-    for b in range(blocks):
-        s = sum(w * (2 * j + 1) for j, w in enumerate(words[b * per:(b + 1) * per])) % 2**64
-        out.append(s - 2**64 if s >= 2**63 else s)
-    return out
+
+    def wrap32(x):
+        x %= 2**32
+        return x - 2**32 if x >= 2**31 else x
+    return [sum(wrap32(w * (2 * j + 1)) for j, w in enumerate(words[b * per:(b + 1) * per])) for b in range(blocks)]
 
 
 @pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (3, 7, 5)), (torch.float32, (64, 33)),
@@ -105,3 +105,15 @@ def test_the_gpu_block_checksum_equals_the_cpu_one(dtype):
     alg, h, idx, vals = red.finish()
     assert alg == dg.HASH_BLOCK64 and h == xxhash.xxh64_intdigest(dg.block_checksum(t).numpy().tobytes())
     assert vals.tolist() == t.reshape(-1)[torch.from_numpy(idx)].double().tolist()
+
+
+@pytest.mark.parametrize("n,k", [(64 * 1024 + 1, 8), (300_000, 16), (1024 * 70, 1), (100_003, 200)])
+def test_two_stage_topk_equals_a_full_selection(n, k):
+    torch.manual_seed(n)
+    t = torch.randn(n, dtype=torch.float64) * torch.rand(n, dtype=torch.float64) ** 4
+    t[-1] = 50.0  # the tail outside whole groups can hold the largest entry
+    t[12345] = -60.0
+    idx, vals = dg.topk(t.to(torch.float32), k)
+    ref = torch.topk(t.float().abs(), k).indices
+    assert idx.tolist() == ref.tolist()
+    assert vals.tolist() == t.float()[ref].double().tolist()
