@@ -45,6 +45,14 @@ class CorruptSnapshot(SnapshotError):
     """What was read back differs from what its manifest recorded (or the manifest itself is damaged)."""
 
 
+DIGESTS = "digests"
+"""The coordinator's ordered digest log beside the versions: one file per step (rollout_dist.coordinator)."""
+
+
+def digest_log_name(step: int) -> str:
+    return f"{DIGESTS}/s{step:09d}.rdd"
+
+
 def version_name(step: int) -> str:
     return f"v{step:06d}"
 
@@ -141,9 +149,21 @@ class Location:
         except FileNotFoundError:
             return []
 
+    def files(self, rel: str = "") -> list[str]:
+        """Names of the files (objects) directly in ``rel``."""
+        base = self.path(rel)
+        try:
+            if self.posix:
+                return sorted(e.name for e in os.scandir(base) if e.is_file())
+            return sorted(os.path.basename(p) for p in self.fs.ls(base, detail=False) if self.fs.isfile(p))
+        except FileNotFoundError:
+            return []
+
     def remove(self, rel: str) -> None:
         target = self.path(rel)
         if self.posix:
+            if os.path.isfile(target):
+                os.remove(target)
             shutil.rmtree(target, ignore_errors=True)
         elif self.fs.exists(target):
             self.fs.rm(target, recursive=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import engine_state, tree
-from ..checkpoint.store import CorruptSnapshot, SnapshotError, SnapshotStore, VersionInfo, rank_name, version_name
+from ..checkpoint.store import (DIGESTS, CorruptSnapshot, SnapshotError, SnapshotStore, VersionInfo, rank_name,
+                                version_name)
 from ..checkpoint.writer import BackgroundWriter, HostCopy
 from ..config import CheckpointConfig, ConfigError
 from .context import RunContext
@@ -169,6 +170,13 @@ class SnapshotCheckpointer(Checkpointer):
         for name in self.store.loc.dirs("chunks"):  # chunk snapshots of steps a committed version has passed
             if name[1:].isdigit() and int(name[1:]) < valid[-1].step:
                 self.store.loc.remove(f"chunks/{name}")
+        # the digest log: every step from the oldest of the ``keep`` newest versions on, and the kept versions' own
+        kept = {v.step for v in valid
+                if v.step in newest or (self.cfg.keep_every and v.step % self.cfg.keep_every == 0)}
+        for name in self.store.loc.files(DIGESTS):
+            step = name[1:].split(".")[0]
+            if step.isdigit() and int(step) < min(newest) and int(step) not in kept:
+                self.store.loc.remove(f"{DIGESTS}/{name}")
 
     def poll(self) -> None:
         self._log_finished()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint.store import digest_log_name
 from ..config import TrainConfig
 from ..coordinator import digest as dg
 from ..coordinator.service import (CoordinatorClient, CoordinatorLost, Hub, MpiHubLink, MpiRankLink, TcpHubLink,
@@ -45,9 +46,6 @@ from .faults import FaultInjector
 
 log = logging.getLogger("rollout_dist")
 
-DIGESTS = "digests"  # the ordered log's folder in the snapshot store: one file per step
-
-
 class DivergenceError(RuntimeError):
     """A check failed (or the coordinator was lost) under ``coordinator.on_mismatch=halt``: the run stops."""
 
@@ -58,10 +56,6 @@ class Resync(Exception):
     def __init__(self, agreed: int, lines: list[str]):
         super().__init__(f"roll back to step {agreed}")
         self.agreed, self.lines = agreed, lines
-
-
-def log_name(step: int) -> str:
-    return f"{DIGESTS}/s{step:09d}.rdd"
 
 
 @dataclass
@@ -462,13 +456,13 @@ class Verifier:
         if self.store is None:
             return
         try:
-            self.store.loc.write_atomic(log_name(step), dg.pack_all(batch))
+            self.store.loc.write_atomic(digest_log_name(step), dg.pack_all(batch))
         except OSError as err:
             log.warning("coordinator: could not write the digest log of step %d (%s)", step, err)
 
     def _check_against_log(self, step: int, records: list[dg.Digest]) -> None:
         """A resumed run's parameters must be what the digest log holds for the step it resumes."""
-        raw = self.store.loc.read(log_name(step))
+        raw = self.store.loc.read(digest_log_name(step))
         if raw is None:
             log.info("no digest log for step %d in the store: the resumed state is not checked against it", step)
             return
