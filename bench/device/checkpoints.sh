@@ -7,11 +7,7 @@
 #   bash bench/device/checkpoints.sh spread   # resumed vs uninterrupted against the run-to-run spread (bf16, GPU),
 #                                             # and the GPU tests the change touches
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl || exit 1
-export TORCH_CUDA_ARCH_LIST=9.0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device/env.sh
 STORE=${STORE:-/tmp/ckpt_bench}
 df -h "$(dirname "$STORE")" | tail -1
 case "${1:-cost}" in

