@@ -232,6 +232,10 @@ class Trainer:
                     self.rollout, self.engine.module, step=self.step, base_version=self.checkpointer.base_step,
                     first_in_window=i == 0, length=len(doc.input_ids), stream=stream, spans=spans)
                 doc_hooks = [*chunk_hooks, *doc_hooks]
+                resumed = self.chunk_snapshots.resumes
+                if self.verifier is not None and resumed and resumed[-1][0] == self.step and state is not None \
+                        and state.fill_chunks == resumed[-1][1]:
+                    self.verifier.check_resumed(state, resumed[-1][1])
             try:
                 result = self.rollout.run(self.engine.module, input_ids,
                                           loss_normalizer=normalizer, spans=spans,

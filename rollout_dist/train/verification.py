@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint.store import digest_log_name
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..coordinator import digest as dg
 from ..coordinator.service import (CoordinatorClient, CoordinatorLost, Hub, MpiHubLink, MpiRankLink, TcpHubLink,
                                    TcpRankLink)
@@ -112,6 +112,8 @@ class Verifier:
         self.agreed = 0  # the newest step every check agreed on
         self.submitted = -1  # the newest step whose records (STEP_END included) went to the coordinator
         self.seconds: dict[str, float] = defaultdict(float)  # wall time of the step-level work (benchmarks)
+        self._said_no_room = False
+        self.findings: list[dg.Digest] = []  # this step's mismatches found outside the chunk and at-rest checks
 
     # ------------------------------------------------------------------------------------------------ set-up
     def start(self, step: int) -> None:
@@ -159,7 +161,11 @@ class Verifier:
         else:
             address = None
             if self.rank == 0:
-                hub_link = TcpHubLink(self.co.port)
+                try:
+                    hub_link = TcpHubLink(self.co.port)
+                except OSError as err:
+                    raise ConfigError(f"coordinator.port={self.co.port}: rank 0 cannot listen there ({err}); pick "
+                                      "a free port, 0 for any, or set coordinator.enabled=false") from None
                 self.hub = Hub(hub_link, world, stages, self.cfg.trainer.zero_stage, self._on_batch, stall_at,
                                kill_at)
                 self.hub.start()
@@ -200,8 +206,9 @@ class Verifier:
         chunk = self.chunk_of.get(start, -1)
         if self.replaying:
             self.faults.on_chunk_kv(self.step, "replay", layer, chunk, key, None)
-            if chunk == self.replay_chunk and layer == self.replay_layer:
-                self.replay_out = {"key": dg.Reduction(key), "value": dg.Reduction(value)}
+            if chunk == self.replay_chunk and self.replay_layer in (layer, None):
+                self.replay_out[(layer, "key")] = dg.Reduction(key)
+                self.replay_out[(layer, "value")] = dg.Reduction(value)
             return
         if phase == "fill":
             reds = [(dg.STATE, layer, "key", dg.Reduction(key, self.k)),
@@ -239,17 +246,34 @@ class Verifier:
         """After the step's backward passes, before its optimizer step (module docstring, 3)."""
         step, t0 = self.step, time.perf_counter()
         self._hash_step_tensors(dg.PARAM_BEFORE, dg.OPTIM_BEFORE, k=0)
-        if self.k:
+        if self.k and self._room_for_weight_copy():
             self.before = {n: p.detach().clone() for n, p in self.engine.module.named_parameters()}
         self._sync()
         records = self._finish_chunk_records(step) + self._finish_step_records(step)
-        records += self._chunk_checks(step, records) + self._at_rest_checks(step, records)
+        records += self._chunk_checks(step, records) + self._at_rest_checks(step, records) + self.findings
+        self.findings = []
         self._submit(records)
         self.seconds["before_optimizer"] += time.perf_counter() - t0
         if self.submitted == step - 1 and step > 1:
             t0 = time.perf_counter()
             self._act_on(step - 1)
             self.seconds["verdict_wait"] += time.perf_counter() - t0
+
+    def _room_for_weight_copy(self) -> bool:
+        """The parameters' update top-K needs a copy of the weights across the optimizer step: taken only where
+        the device has twice its size free (the optimizer step needs room too); else skipped, said once."""
+        if self.device.type != "cuda":
+            return True
+        need = sum(p.numel() * p.element_size() for p in self.engine.module.parameters())
+        free = torch.cuda.mem_get_info(self.device)[0]
+        if free >= 2 * need:
+            return True
+        if not self._said_no_room:
+            self._said_no_room = True
+            log.warning("coordinator.topk=%d: %.1f GiB free on the GPU before the optimizer step, a copy of the "
+                        "weights needs %.1f GiB (twice that kept free): the top-K of parameter updates is not "
+                        "recorded; the hashes and every check are", self.k, free / 2**30, need / 2**30)
+        return False
 
     def after_optimizer(self) -> None:
         step, t0 = self.step, time.perf_counter()
@@ -358,7 +382,7 @@ class Verifier:
         ids = doc.input_ids.to(adapter.device)
         state = self.rollout.new_state(self.engine.module, ids.shape[0], doc.spans[bad.chunk][1])
         state.observer = self
-        self.replaying, self.replay_chunk, self.replay_layer, self.replay_out = True, bad.chunk, bad.layer, None
+        self.replaying, self.replay_chunk, self.replay_layer, self.replay_out = True, bad.chunk, bad.layer, {}
         saved_chunks = self.chunk_of
         self.chunk_of = {s: i for i, (s, _) in enumerate(doc.spans)}
         try:
@@ -369,7 +393,7 @@ class Verifier:
         finally:
             self.replaying, self.chunk_of = False, saved_chunks
             state.close()
-        red = self.replay_out[bad.name.rsplit(".", 1)[1]]
+        red = self.replay_out[(bad.layer, bad.name.rsplit(".", 1)[1])]
         red.to_host()
         self._sync()
         _, h, _, _ = red.finish()
@@ -378,6 +402,44 @@ class Verifier:
         if h == bad.hash:
             return "persistent: a replay of the chunk repeats the bad value"
         return f"the replay agrees with neither ({h:016x}): a non-deterministic kernel?"
+
+    def check_resumed(self, state, chunks_done: int) -> None:
+        """A document resumed from a chunk snapshot: the last chunk it holds is replayed from the loaded prefix with
+        this step's weights and random stream, into the same buffers; every layer's loaded K/V must equal the
+        replay's, else a ``MISMATCH`` of this step (docs/coordinator.md, Replay)."""
+        if chunks_done == 0 or self.layout.pp > 1:
+            return
+        c, doc = chunks_done - 1, self.doc
+        s, e = doc.spans[c]
+        loaded = {}
+        for i in range(state.num_layers):
+            for kind, what in (("k", "key"), ("v", "value")):
+                loaded[(state.layer_offset + i, what)] = dg.Reduction(state._layer_tensor(kind, i)[:, s:e])
+        adapter = CausalLMAdapter(self.engine.module)
+        state.observer = self
+        self.replaying, self.replay_chunk, self.replay_layer, self.replay_out = True, c, None, {}
+        try:
+            with adapter.chunk_attention(), torch.no_grad():
+                adapter.forward_chunk(doc.input_ids[:, s:e].to(adapter.device), s, state, phase="fill",
+                                      kernel=self.rollout.kernel,
+                                      layer_scope=lambda layer: doc.stream.scope(c, layer, adapter.device))
+        finally:
+            self.replaying = False
+        for red in (*loaded.values(), *self.replay_out.values()):
+            red.to_host()
+        self._sync()
+        bad = []
+        for (layer, what), red in sorted(loaded.items()):
+            h_loaded, h_replay = red.finish()[1], self.replay_out[(layer, what)].finish()[1]
+            if h_loaded != h_replay:
+                where = self._record(dg.MISMATCH, self.step, f"layer.{layer}.{what}", document=doc.doc_id, chunk=c,
+                                     layer=layer, phase=3, hash_=h_loaded)
+                bad.append(self._mismatch(self.step, where, f"the resumed chunk snapshot's K/V differ from a replay "
+                                          f"of chunk {c} from its loaded prefix ({h_loaded:016x} vs {h_replay:016x})"))
+        self.findings.extend(bad)
+        if not bad:
+            log.info("resumed chunk snapshot: chunk %d of document %d replayed from its loaded prefix; its K/V agree "
+                     "in all %d tensors", c, doc.doc_id, len(loaded))
 
     # ------------------------------------------------------------------------------------------- verdicts
     def _submit(self, records: list[dg.Digest]) -> None:
