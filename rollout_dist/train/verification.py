@@ -447,8 +447,8 @@ class Verifier:
             return
         try:
             self.client.submit(records)
-        except CoordinatorLost as err:
-            self._coordinator_lost(str(err))
+        except CoordinatorLost:
+            pass  # the client remembers; the policy acts at the next verdict, where every rank stands alike
 
     def _record_verdict(self, step: int, verdict: list[str]) -> None:
         with self.verdict_cond:
