@@ -115,6 +115,7 @@ class Trainer:
             self.verifier = Verifier(cfg, self.context, self.engine, self.rollout,
                                      getattr(self.checkpointer, "store", None))
             self.checkpointer.gate = self.verifier.gate
+            self.checkpointer.digest_files = self.verifier.digest_files
             self.verifier.start(self.step)
         log.info("run directory: %s", self.run_dir.resolve())
 

@@ -40,6 +40,10 @@ class Checkpointer(ABC):
     """Called by rank 0 as ``gate(step)`` before it publishes the snapshot of ``step``: False withholds it (the
     verification role's verdict that the step did not agree: rollout_dist.train.verification)."""
 
+    digest_files = None
+    """Called by rank 0 as ``digest_files(step)`` once the gate passed: (path, bytes) to write into the store
+    before the version is published (the coordinator's ordered digest log)."""
+
     def bind(self, engine, context: RunContext) -> None:
         self.engine, self.context = engine, context
 
@@ -141,6 +145,9 @@ class SnapshotCheckpointer(Checkpointer):
             if rank == 0 and self.gate is not None and not self.gate(step):
                 return (f"snapshot {version_name(step)} not published: step {step} did not agree (or its verdict "
                         "never came); the newest published snapshot is of an agreed step")
+            if rank == 0 and self.digest_files is not None:  # the coordinator's ordered log, with the snapshot
+                for rel, data in self.digest_files(step):
+                    self.store.loc.write_atomic(rel, data)
             if rank == 0:
                 body = self.store.commit(step, world, meta, self.cfg.commit_timeout_s)
                 self._retain()

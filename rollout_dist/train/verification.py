@@ -46,6 +46,10 @@ from .faults import FaultInjector
 
 log = logging.getLogger("rollout_dist")
 
+LOG_MEMORY_BYTES = 512 << 20
+"""Rank 0 keeps the ordered digests of the steps since the last snapshot in memory, at most this much."""
+
+
 class DivergenceError(RuntimeError):
     """A check failed (or the coordinator was lost) under ``coordinator.on_mismatch=halt``: the run stops."""
 
@@ -114,6 +118,10 @@ class Verifier:
         self.seconds: dict[str, float] = defaultdict(float)  # wall time of the step-level work (benchmarks)
         self._said_no_room = False
         self.findings: list[dg.Digest] = []  # this step's mismatches found outside the chunk and at-rest checks
+        self.log_lock = threading.Lock()
+        self.unlogged: dict[int, bytes] = {}  # rank 0: ordered batches not yet persisted with a snapshot
+        self.unlogged_bytes = 0
+        self._said_log_full = False
 
     # ------------------------------------------------------------------------------------------------ set-up
     def start(self, step: int) -> None:
@@ -514,13 +522,28 @@ class Verifier:
 
     # ----------------------------------------------------------------------------------------------- log
     def _on_batch(self, step: int, batch: list[dg.Digest], verdict: list[str]) -> None:
-        """The coordinator thread (rank 0): persists the step's ordered records in the snapshot store."""
-        if self.store is None:
-            return
-        try:
-            self.store.loc.write_atomic(digest_log_name(step), dg.pack_all(batch))
-        except OSError as err:
-            log.warning("coordinator: could not write the digest log of step %d (%s)", step, err)
+        """The coordinator thread (rank 0): keeps the step's ordered records until a snapshot persists them
+        (``digest_files``); no I/O here, so that the verdict goes out at once."""
+        data = dg.pack_all(batch)
+        with self.log_lock:
+            self.unlogged[step] = data
+            self.unlogged_bytes += len(data)
+            while self.unlogged_bytes > LOG_MEMORY_BYTES and len(self.unlogged) > 1:
+                oldest = min(self.unlogged)
+                self.unlogged_bytes -= len(self.unlogged.pop(oldest))
+                if not self._said_log_full:
+                    self._said_log_full = True
+                    log.warning("coordinator: more than %d MB of digests since the last snapshot; the oldest steps' "
+                                "are dropped from the log (snapshot more often to keep them)", LOG_MEMORY_BYTES >> 20)
+
+    def digest_files(self, step: int) -> list[tuple[str, bytes]]:
+        """For rank 0's snapshot writer, before it publishes step ``step``: the ordered log of every step up to it
+        not yet written, as (path in the store, bytes); the log is persisted with the snapshots."""
+        with self.log_lock:
+            steps = sorted(s for s in self.unlogged if s <= step)
+            out = [(digest_log_name(s), self.unlogged.pop(s)) for s in steps]
+            self.unlogged_bytes -= sum(len(d) for _, d in out)
+        return out
 
     def _check_against_log(self, step: int, records: list[dg.Digest]) -> None:
         """A resumed run's parameters must be what the digest log holds for the step it resumes."""
