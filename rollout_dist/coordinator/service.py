@@ -244,7 +244,8 @@ class MpiHubLink:
 
     def close(self) -> None:
         for r in self.requests:
-            r.Cancel() if not r.Test() else None
+            if not r.Test():
+                r.Cancel()
 
 
 class MpiRankLink:
