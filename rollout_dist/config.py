@@ -108,7 +108,25 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     mode: str = "exact"
-    """exact: chunks attend to all earlier K/V and gradients equal full-sequence training."""
+    """exact: chunks attend to all earlier K/V and gradients equal full-sequence training. memory: each chunk
+    attends to itself and reads a bounded per-layer state carried from the previous chunks (memory.*,
+    docs/memory_mode.md): memory and cost per chunk stay constant however long the document."""
+    bptt_chunks: int = 0
+    """Memory mode: backpropagate through the carried state at most this many chunks back (truncated BPTT: the
+    state's gradient is cut every k chunks). 0: through every chunk of the document."""
+    loss_weighting: str = "tokens"
+    """Memory mode: how chunks weigh in a document's loss: tokens (the plain token mean), chunks (each chunk's
+    mean counts equally) or importance (rollout.importance_*; formulas in docs/memory_mode.md). Logged per chunk."""
+    importance_keywords: list = field(default_factory=list)
+    """loss_weighting=importance: task keywords (strings, tokenized with the model's tokenizer); a chunk holding
+    one scores rollout.importance_keyword more."""
+    importance_keyword: float = 1.0
+    """loss_weighting=importance: score added to a chunk holding a keyword."""
+    importance_shift: float = 1.0
+    """loss_weighting=importance: times the topic shift at the chunk's start (planner boundary score, or the
+    memory's cosine distance to the previous chunk)."""
+    importance_loss: float = 1.0
+    """loss_weighting=importance: times how far the chunk's forward-pass loss exceeds the document's mean."""
     chunk_size: int = 512
     """Tokens per chunk. Activation memory scales with it; the K/V of the whole document are kept. 0: picked at
     start-up as the largest of 128 ... 32768 whose predicted peak for the longest document stays within 90% of
@@ -157,8 +175,75 @@ class RolloutConfig:
         if self.offload_layers and self.offload == "none":
             raise ConfigError(f"rollout.offload_layers={self.offload_layers} has nothing to offload with "
                               "rollout.offload=none: set rollout.offload=kv (or all), or drop offload_layers")
-        if self.mode != "exact":
-            raise ConfigError(f"rollout.mode={self.mode!r} is not available yet; use rollout.mode=exact")
+        if self.mode not in ROLLOUT_MODES:
+            raise ConfigError(f"rollout.mode={self.mode!r} is not one of {ROLLOUT_MODES}")
+        if not isinstance(self.bptt_chunks, int) or isinstance(self.bptt_chunks, bool) or self.bptt_chunks < 0:
+            raise ConfigError(f"rollout.bptt_chunks={self.bptt_chunks!r} must be 0 (through every chunk) or a "
+                              "positive number of chunks")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"rollout.loss_weighting={self.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
+        if self.mode == "exact" and (self.bptt_chunks or self.loss_weighting != "tokens"):
+            raise ConfigError(f"rollout.bptt_chunks={self.bptt_chunks} and rollout.loss_weighting="
+                              f"{self.loss_weighting} apply to rollout.mode=memory; exact mode trains the plain "
+                              "token mean through every chunk (set rollout.mode=memory, or drop them)")
+        for key in ("importance_keyword", "importance_shift", "importance_loss"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
+                raise ConfigError(f"rollout.{key}={getattr(self, key)!r} must be a number >= 0")
+        self.importance_keywords = [str(k) for k in self.importance_keywords]
+
+
+STATE_DTYPES = ("auto", "float32", "model")
+ROLLOUT_MODES = ("exact", "memory")
+LOSS_WEIGHTINGS = ("tokens", "chunks", "importance")  # rollout_dist.engine.weighting.WEIGHTINGS
+
+
+@dataclass
+class MemoryConfig:
+    """Memory mode (``rollout.mode=memory``, docs/memory_mode.md): a bounded state of ``slots`` vectors per decoder
+    layer carried from chunk to chunk.  Also the argument of ``rollout_dist.with_memory``; every field has a
+    default, so ``MemoryConfig()`` works."""
+
+    slots: int = 16
+    """m: state vectors per layer.  The state is layers x m x hidden_size values per document row, whatever the
+    document's length."""
+    write_dim: int = 128
+    """Width of the keys by which each slot picks what to take from the previous chunk's hidden states."""
+    chunk_buckets: int = 32
+    """Log-spaced buckets of the learned chunk-index embedding: bucket 0 is chunk 0, bucket b chunks
+    [2^(b-1), 2^b); chunks past the last bucket share it, so any document length works."""
+    topic_damping: float = 1.0
+    """Initial strength of the topic-shift damping (learned per layer): the injected memory is scaled by
+    exp(-strength x cosine distance between this chunk's topic vector and the previous chunk's)."""
+    state_dtype: str = "auto"
+    """dtype of the carried state: float32, model (the model's dtype), or auto (float32 for bf16/fp16 models, the
+    model's dtype otherwise)."""
+    ablate: bool = False
+    """Zero the carried state at every chunk (the memory reads nothing): the ablation of the evaluation."""
+    lr: float = 1e-3
+    """Learning rate of the memory's parameters (gates, decays, projections, chunk-index embedding), their own
+    optimizer group; the schedule scales it like the model's. 0: the model's trainer.lr."""
+    weight_decay: float = 0.0
+    """Weight decay of the memory's parameters (Infini-attention's reproduction needed 0 for its gates)."""
+    curriculum: list = field(default_factory=list)
+    """Segment-count curriculum (RMT/ARMT): e.g. [2, 4, 8, 16]: documents are cut to that many chunks, the
+    next count after every ``curriculum_steps`` optimizer steps; the last count holds until the end. []: off."""
+    curriculum_steps: int = 100
+    """Optimizer steps per curriculum stage."""
+
+    def __post_init__(self):
+        for key in ("slots", "write_dim", "chunk_buckets", "curriculum_steps"):
+            _positive(f"memory.{key}", getattr(self, key))
+        if self.state_dtype not in STATE_DTYPES:
+            raise ConfigError(f"memory.state_dtype={self.state_dtype!r} is not one of {STATE_DTYPES}")
+        if not isinstance(self.topic_damping, (int, float)) or self.topic_damping < 0:
+            raise ConfigError(f"memory.topic_damping={self.topic_damping!r} must be a number >= 0 (0: no damping)")
+        for key in ("lr", "weight_decay"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
+                raise ConfigError(f"memory.{key}={getattr(self, key)!r} must be a number >= 0")
+        curriculum = list(self.curriculum)
+        if any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in curriculum):
+            raise ConfigError(f"memory.curriculum={curriculum!r} must list positive segment counts, e.g. [2,4,8]")
+        self.curriculum = curriculum
 
 
 @dataclass
@@ -387,6 +472,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -142,13 +142,33 @@ def chunked_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, *,
                              backward: BackwardFn | None = None, attention: str = "auto",
                              segment_ids: torch.Tensor | None = None, keep_attention: bool = False,
                              offload: str = "none", vocab_tile: int = 0, keep_tokens: int = 0,
-                             offload_layers: int = 0, stream: StreamKey | None = None) -> RolloutResult:
+                             offload_layers: int = 0, stream: StreamKey | None = None,
+                             **memory_options) -> RolloutResult:
     """Exact chunk-wise forward and backward of ``model`` on ``input_ids`` (B, T); see ``ExactRollout.run``.
 
     Returns ``.loss`` (HF's mean token cross-entropy, labels shifted inside, -100 ignored; ``labels=None`` means
     ``labels=input_ids``) and ``.num_tokens``; every parameter's ``.grad`` accumulates the gradient of that loss.
     Dropout draws come from ``stream`` (default: a key drawn once from the default CPU generator).
+
+    A ``MemoryModel`` (``rollout_dist.with_memory``) is trained by memory mode's rollout instead
+    (rollout_dist.engine.memory.memory_forward_backward), which also takes ``ablate_state``, ``bptt_chunks``,
+    ``loss_weighting``, ``importance``, ``spans`` and ``boundary_scores``.
     """
+    if getattr(model, "is_memory_model", False):
+        from .memory import memory_forward_backward
+
+        exact_only = {"attention": attention != "auto", "segment_ids": segment_ids is not None,
+                      "keep_attention": keep_attention, "offload": offload != "none", "keep_tokens": keep_tokens,
+                      "offload_layers": offload_layers}
+        given = [k for k, v in exact_only.items() if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to exact mode only, not to a memory model")
+        return memory_forward_backward(model, input_ids, chunk_size=chunk_size, labels=labels,
+                                       loss_normalizer=loss_normalizer, backward=backward, vocab_tile=vocab_tile,
+                                       stream=stream, **memory_options)
+    if memory_options:
+        raise TypeError(f"chunked_forward_backward got {sorted(memory_options)}: these apply to a memory model "
+                        "(rollout_dist.with_memory) only")
     rollout = ExactRollout(chunk_size, attention=attention, keep_attention=keep_attention, offload=offload,
                            vocab_tile=vocab_tile, keep_tokens=keep_tokens, offload_layers=offload_layers)
     return rollout.run(model, input_ids, labels, loss_normalizer=loss_normalizer, backward=backward,
