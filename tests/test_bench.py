@@ -58,3 +58,26 @@ def test_bf16_chunks_measures_errors_against_fp32(tmp_path):
                                                         ("rollout_bf16", 64), ("hf_fullseq_bf16", 64)]
     for r in records:  # bf16 against fp32: errors of bf16 rounding, neither zero nor wild
         assert 1e-4 < r["median_rel_err"] <= r["max_rel_err"] < 0.1, r
+
+
+def test_memory_scale_tiny_writes_json(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "memory_scale.py"), "--tiny", "--short", "1024", "--long", "2048",
+           "--longest", "4096", "--steps", "1"]
+    proc = subprocess.run(cmd, env=child_env(OUT=str(tmp_path), OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "memory_scale.jsonl").read_text().splitlines()]
+    setup, *runs, summary = records
+    assert setup["what"] == "setup" and setup["memory_params"] > 0 and summary["summary"]
+    assert [(r["mode"], r["tokens"], r["chunks"]) for r in runs] == [
+        ("exact", 1024, 2), ("memory", 1024, 2), ("memory", 2048, 4), ("memory", 4096, 8)]
+    for r in runs:
+        assert r["step_s"] > 0 and r["tok_s"] > 0 and r["loss"] > 0 and r["chunk_size"] == 512
+        assert r["peak_gib"] is None  # CPU: no allocator peak
+    # 2 layers x 1 row x 16 slots x hidden 64 x float32, plus the float32 topic vector; K/V 2 x 2 x 2 x 16 x 4 B
+    assert summary["state_bytes_per_chunk_formula"] == 2 * 16 * 64 * 4
+    assert summary["state_bytes_per_chunk"] == 2 * 16 * 64 * 4 + 64 * 4
+    assert summary["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert runs[-1]["stored_state_bytes"] == 8 * summary["state_bytes_per_chunk"]
+    assert summary["longest_tokens_one_step"] == 4096
+    assert "longest document trained in one step: 4096 tokens" in proc.stdout
