@@ -492,6 +492,40 @@ class TrainConfig:
             raise ConfigError(f"rollout.offload={self.rollout.offload} is not supported with pipeline stages "
                               f"(parallel.pp={self.parallel.pp}) yet; stages already split the K/V over GPUs: "
                               "use rollout.offload=none, or parallel.pp=1")
+        if self.rollout.mode == "memory":
+            self._check_memory_mode()
+        else:
+            used = [key for key, on in (("memory.curriculum", self.memory.curriculum),
+                                        ("memory.ablate", self.memory.ablate)) if on]
+            if used:
+                raise ConfigError(f"{' and '.join(used)} apply to rollout.mode=memory; this run has rollout.mode="
+                                  f"{self.rollout.mode} (set rollout.mode=memory, or drop them)")
+
+    def _check_memory_mode(self) -> None:
+        """What memory mode (``rollout.mode=memory``) does not run, refused with the key to change."""
+        ro = self.rollout
+        if self.parallel.pp > 1:
+            raise ConfigError(f"rollout.mode=memory runs on one pipeline stage: parallel.pp={self.parallel.pp} is "
+                              "not supported (the memory's per-layer state would cross stages every chunk); set "
+                              "parallel.pp=1 and spread documents over data-parallel replicas (parallel.dp)")
+        if ro.chunk_size == 0 and self.data.chunk_index is None:
+            raise ConfigError("rollout.chunk_size=0 sizes chunks from GPU memory, but in rollout.mode=memory the chunk "
+                              "size is part of the model (one memory update per chunk) and memory does not grow "
+                              "with the document: set rollout.chunk_size (e.g. 512), or plan chunks with "
+                              "data.chunk_index")
+        if ro.offload != "none":
+            raise ConfigError(f"rollout.offload={ro.offload} offloads the K/V of exact mode; rollout.mode=memory "
+                              "carries a small fixed-size state instead: set rollout.offload=none")
+        if ro.keep_attention:
+            raise ConfigError("rollout.keep_attention applies to rollout.mode=exact's split attention; memory mode "
+                              "recomputes one chunk at a time: set rollout.keep_attention=false")
+        if ro.attention not in ("auto", "sdpa"):
+            raise ConfigError(f"rollout.attention={ro.attention}: rollout.mode=memory runs PyTorch SDPA (chunk-local "
+                              "attention plus the memory read): set rollout.attention=auto or sdpa")
+        if self.fault.kind in ("state_bitflip", "p2p_corrupt"):
+            raise ConfigError(f"fault.kind={self.fault.kind} tests the chunk K/V (or pipeline) checks, which "
+                              "rollout.mode=memory does not have (it carries no K/V and runs one stage): use "
+                              "param_bitflip, optimizer_bitflip or a coordinator fault")
 
 
 def register_configs() -> None:

@@ -11,9 +11,23 @@ from .config import TrainConfig
 _WARMUP_START = 0.1
 
 
+def group_lrs(cfg: TrainConfig) -> list[float]:
+    """The peak learning rate of each optimizer parameter group, in the order train/engine_setup.py builds them:
+    the model's (``trainer.lr``), and in memory mode the memory's (``memory.lr``, 0: ``trainer.lr``)."""
+    lrs = [cfg.trainer.lr]
+    if cfg.rollout.mode == "memory":
+        lrs.append(cfg.memory.lr or cfg.trainer.lr)
+    return lrs
+
+
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device: torch.device) -> dict:
-    """The DeepSpeed config for this run: optimizer, precision, clipping, ZeRO stage, LR schedule, TensorBoard."""
+    """The DeepSpeed config for this run: optimizer, precision, clipping, ZeRO stage, LR schedule, TensorBoard.
+
+    The schedule scales every parameter group's own peak rate (``group_lrs``) by the same factor: WarmupCosineLR
+    multiplies each group's initial lr by its ratio; WarmupLR and WarmupDecayLR are given one min/max per group
+    (a single number would set every group to it)."""
     t = cfg.trainer
+    lrs = group_lrs(cfg)
     # DeepSpeed's schedulers need >= 1 warm-up step and start it at their minimum: no warm-up = start at lr
     warmup = max(1, t.warmup_steps)
     start = _WARMUP_START if t.warmup_steps else 1.0
@@ -24,11 +38,11 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
     elif t.schedule == "linear":
         scheduler = {"type": "WarmupDecayLR", "params": {
             "total_num_steps": t.max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
-            "warmup_min_lr": start * t.lr, "warmup_max_lr": t.lr}}
+            "warmup_min_lr": _per_group([start * lr for lr in lrs]), "warmup_max_lr": _per_group(lrs)}}
     else:
         scheduler = {"type": "WarmupLR", "params": {
-            "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": start * t.lr,
-            "warmup_max_lr": t.lr}}
+            "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_lr": _per_group([start * lr for lr in lrs]), "warmup_max_lr": _per_group(lrs)}}
     low_precision = t.optimizer_dtype == "bf16"  # the trainer has checked that the model is bf16
     zero = {"stage": t.zero_stage}
     if t.offload_optimizer != "none":
@@ -61,3 +75,8 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype, run_dir: Path, device
             # adds them in bf16 in the gradients of the weights, as ZeRO-0 and HF do
             ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
+
+
+def _per_group(values: list[float]):
+    """One value for a single group (as before memory mode: the config reads as it always did), else a list."""
+    return values[0] if len(values) == 1 else list(values)

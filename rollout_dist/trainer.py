@@ -5,6 +5,10 @@ documents have loaded, and it must not already hold a run.  One optimizer step =
 documents per rank, each run through the configured rollout; the loss of the step is normalised by the target
 tokens of the whole window (of all replicas), so accumulating k documents equals one batch of those k documents.
 
+Memory mode (``rollout.mode=memory``) trains a ``MemoryModel`` with ``MemoryRollout``: the model set-up wraps the
+HF model, the engine set-up gives the memory's parameters their own optimizer group, the data pipeline applies
+the segment-count curriculum, and ``ChunkLog`` records every chunk's loss weight, topic shift and damping.
+
 Seams for what runs beside the loop (a coordinator, say): ``step_hooks`` are called with every step's
 ``StepStats`` after the metrics sinks and the checkpoint; ``chunk_hooks`` are handed to the rollout, which calls
 them with a ``ChunkEvent`` after every chunk of every document.
@@ -30,12 +34,12 @@ from .checkpoint.store import SnapshotError
 from .train.checkpointing import Checkpointer, SnapshotCheckpointer, check_run_dir
 from .train.chunk_snapshots import ChunkSnapshotter
 from .train.context import RunContext
-from .train.data_pipeline import DataPipeline
+from .train.data_pipeline import ChunkedDocument, Curriculum, DataPipeline
 from .train.engine_setup import initialize_engine
 from .train.export import export_final
-from .train.metrics import (ConsoleSink, JsonlSink, MetricsSink, StepStats, TensorBoardSink, TrainLog, chunk_bar,
-                            peak_memory_gib)
-from .train.model_setup import build_trainable_model, trim_to_this_stage
+from .train.metrics import (ChunkLog, ConsoleSink, JsonlSink, MetricsSink, StepStats, TensorBoardSink, TrainLog,
+                            chunk_bar, peak_memory_gib)
+from .train.model_setup import build_trainable_model, model_dtype, trim_to_this_stage
 from .train.planner import MemoryPlanner, check_host_fits
 from .train.verification import DivergenceError, Resync, Verifier
 
@@ -61,8 +65,11 @@ class Trainer:
         check_run_dir(self.run_dir, cfg.checkpoint.resuming, self.checkpointer)
         torch.manual_seed(cfg.trainer.seed)
         self.model, self.tokenizer = build_trainable_model(cfg, self.device)
+        memory = cfg.rollout.mode == "memory"
         self.data = DataPipeline(cfg.data, self.tokenizer, self.model.config.vocab_size, seed=cfg.trainer.seed,
-                                 progress=os.environ.get("RANK", "0") == "0")
+                                 progress=os.environ.get("RANK", "0") == "0", mode=cfg.rollout.mode,
+                                 curriculum=(Curriculum(cfg.memory.curriculum, cfg.memory.curriculum_steps)
+                                             if memory and cfg.memory.curriculum else None))
         # one process's rollout until set-up knows the layout (a pipeline stage's then replaces it)
         self.rollout = self._make_rollout(None)
         check_host_fits(cfg, self.model, self.data.longest_doc)
@@ -74,6 +81,7 @@ class Trainer:
         self.memory: MemoryPlanner | None = None
         self.verifier: Verifier | None = None
         self.train_log: TrainLog | None = None
+        self.chunk_log: ChunkLog | None = None
         self.step = 0
         self.history: list[StepStats] = []
 
@@ -107,6 +115,9 @@ class Trainer:
         self.memory = MemoryPlanner(cfg, self.rollout, self.engine.module, self.data, self.context)
         if cfg.checkpoint.resuming:
             self.resume()
+        if cfg.rollout.mode == "memory":  # after a resume: its chunks.jsonl continues from the resumed step
+            self.chunk_log = ChunkLog(self.run_dir / "chunks.jsonl" if self.context.is_main else None, self.step,
+                                      cfg.trainer.log_every, self.context, self.train_log)
         self.memory.plan()
         self._log_setup(counts)
         if self.device.type == "cuda":
@@ -128,7 +139,8 @@ class Trainer:
     def _make_rollout(self, layout: RankLayout | None, chunk_size: int | None = None) -> Rollout:
         """The config's rollout for ``layout`` (None: one process); ``chunk_size`` overrides the config's."""
         try:
-            return make_rollout(self.cfg.rollout, layout, chunk_size=chunk_size)
+            return make_rollout(self.cfg.rollout, layout, chunk_size=chunk_size, memory=self.cfg.memory,
+                                tokenizer=self.tokenizer)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
@@ -148,7 +160,7 @@ class Trainer:
         log.info("model: %s, %.2fM parameters, %s on %s; rollout: %s, chunk_size %d, K/V offload %s%s; "
                  "ZeRO stage %d%s", type(self.model).__name__,
                  sum(p.numel() for p in self.model.parameters()) / 1e6,
-                 str(self.model.dtype).replace("torch.", ""), self.device, ro.mode, self.rollout.chunk_size,
+                 str(model_dtype(self.model)).replace("torch.", ""), self.device, ro.mode, self.rollout.chunk_size,
                  ro.offload + (f" (first {ro.offload_layers} layers)" if ro.offload_layers else ""),
                  f", LM head in vocabulary tiles of {ro.vocab_tile}" if ro.vocab_tile else "", tr.zero_stage,
                  (f", optimizer ({tr.optimizer_dtype}) offloaded to {tr.offload_optimizer}"
@@ -157,6 +169,13 @@ class Trainer:
                  ", balanced by tokens and T^2" if self.data.balanced else "")
         if stage_counts is not None:
             log.info("pipeline: %d stages, decoder layers per stage %s", self.layout.pp, stage_counts)
+        if ro.mode == "memory":
+            mem = self.cfg.memory
+            log.info("memory mode: %d slots per layer, state in %s%s; loss weighting %s; backpropagation through %s"
+                     "; per-chunk records in %s", mem.slots, str(self.model.state_dtype).replace("torch.", ""),
+                     " (ablated: the state is zeroed every chunk)" if mem.ablate else "", ro.loss_weighting,
+                     f"at most {ro.bptt_chunks} chunks" if ro.bptt_chunks else "every chunk",
+                     self.run_dir / "chunks.jsonl")
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -210,7 +229,8 @@ class Trainer:
         reduces gradients across data-parallel ranks.  Each document draws from its random stream at
         ``self.step``, the 0-based index of the step being computed.
         """
-        window_tokens = sum(len(d.input_ids) - 1 for d in window)
+        pieces = [self.data.chunked(doc, self.rollout, self.step) for doc in window]
+        window_tokens = sum(p.targets for p in pieces)
         normalizer = float(window_tokens)
         if self.layout.dp > 1:
             # DeepSpeed averages gradients over replicas: divide by the tokens of all replicas' windows over dp,
@@ -219,19 +239,19 @@ class Trainer:
             total = self.context.sum_over_ranks(total, self.layout.data_parallel_group())
             normalizer = float(total) / self.layout.dp
         loss_sum, chunks = 0.0, 0
-        for i, doc in enumerate(window):
-            spans = self.data.spans_for(doc, self.rollout)
-            bar = (chunk_bar(f"document {i + 1}/{len(window)}, {len(doc.input_ids):,} tokens", len(spans))
+        for i, piece in enumerate(pieces):
+            spans = piece.spans
+            bar = (chunk_bar(f"document {i + 1}/{len(window)}, {len(piece.input_ids):,} tokens", len(spans))
                    if self.context.is_main else None)
-            stream = self.streams.document(self.step, self.data.stream_id(doc))
-            input_ids = torch.tensor([doc.input_ids], device=self.device)
+            stream = self.streams.document(self.step, piece.stream_id)
+            input_ids = torch.tensor([piece.input_ids], device=self.device)
             state, doc_hooks = None, []
             if self.verifier is not None:
-                doc_hooks = self.verifier.document(self.data.stream_id(doc), input_ids, spans, stream)
+                doc_hooks = self.verifier.document(piece.stream_id, input_ids, spans, stream)
             if self.chunk_snapshots is not None:
                 state, chunk_hooks = self.chunk_snapshots.document(
                     self.rollout, self.engine.module, step=self.step, base_version=self.checkpointer.base_step,
-                    first_in_window=i == 0, length=len(doc.input_ids), stream=stream, spans=spans)
+                    first_in_window=i == 0, length=len(piece.input_ids), stream=stream, spans=spans)
                 doc_hooks = [*chunk_hooks, *doc_hooks]
                 resumed = self.chunk_snapshots.resumes
                 if self.verifier is not None and resumed and resumed[-1][0] == self.step and state is not None \
@@ -242,7 +262,7 @@ class Trainer:
                                           loss_normalizer=normalizer, spans=spans,
                                           backward=self._chunk_backward(i == len(window) - 1, len(spans)),
                                           stream=stream, state=state, hooks=[*doc_hooks, *self.chunk_hooks],
-                                          progress=bar)
+                                          progress=bar, **self._planned(piece))
             finally:
                 if bar is not None:
                     bar.close()
@@ -250,7 +270,14 @@ class Trainer:
                     self.chunk_snapshots.finish(state)
             loss_sum += result.loss_sum
             chunks += result.num_chunks
+            if self.chunk_log is not None:
+                self.chunk_log.add(self.step + 1, piece.stream_id, self.rollout.last_chunks)
         return loss_sum, window_tokens, chunks
+
+    @staticmethod
+    def _planned(piece: ChunkedDocument) -> dict:
+        """What a memory-mode chunk index adds to a rollout's arguments: the planner's boundary scores."""
+        return {} if piece.boundary_scores is None else {"boundary_scores": piece.boundary_scores}
 
     def _chunk_backward(self, closes_window: bool, chunks: int):
         """``engine.backward`` for one document's chunk losses.  The document's last chunk is the accumulation
@@ -286,6 +313,8 @@ class Trainer:
         totals = torch.tensor([loss_sum if self.layout.is_last_stage else 0.0, tokens if first else 0,
                                chunks if first else 0], dtype=torch.float64)
         loss_sum, tokens, chunks = self.context.sum_over_ranks(totals).tolist()
+        if self.chunk_log is not None:
+            self.chunk_log.end_step(self.step)  # collective: every rank's chunk records to rank 0
         grad_norm = self.engine.get_global_grad_norm()
         return StepStats(step=self.step, loss=loss_sum / tokens, tokens=int(tokens), chunks=int(chunks),
                          seconds=seconds, tokens_per_s=tokens / seconds, peak_mem_gib=peak_memory_gib(self.device),
@@ -315,7 +344,9 @@ class Trainer:
     def _steps(self) -> None:
         """The loop: each step's stats go to the metrics sinks, the checkpointer and the step hooks, in order."""
         sinks = self._open_sinks()
-        reporters = [*sinks, self.train_log] if self.train_log is not None else sinks
+        reporters = [*sinks, *([self.train_log] if self.train_log is not None else [])]
+        if self.chunk_log is not None and self.context.is_main:
+            reporters.append(self.chunk_log)  # its summary line in train.log after the step's
         hooks = [self._checkpoint_if_due, *(r.on_step for r in reporters), *self.step_hooks]
         try:
             while True:
@@ -334,6 +365,8 @@ class Trainer:
         finally:
             for sink in sinks:
                 sink.close()
+            if self.chunk_log is not None:
+                self.chunk_log.close()
 
     def _resync(self, request: Resync) -> None:
         """Every rank (all act on the same verdict) reloads the newest snapshot of an agreed step."""

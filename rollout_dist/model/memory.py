@@ -125,8 +125,9 @@ class LayerMemory(nn.Module):
         self.value = nn.Linear(hidden, kv_heads * head_dim, bias=False)
         self.inject = nn.Parameter(torch.zeros(heads))  # zero at init: step 0 is the base model
         strength = float(topic_damping)
-        self.topic_strength = nn.Parameter(torch.tensor(strength + math.log(-math.expm1(-strength))
-                                                        if strength > 0 else -20.0))
+        # shape (1,), not a 0-dim tensor: DeepSpeed broadcasts every parameter as bytes, which a 0-dim one cannot be
+        self.topic_strength = nn.Parameter(torch.tensor([strength + math.log(-math.expm1(-strength))
+                                                         if strength > 0 else -20.0]))
         nn.init.normal_(self.write_key.weight, std=hidden ** -0.5)
         nn.init.normal_(self.key.weight, std=hidden ** -0.5)
         nn.init.normal_(self.value.weight, std=hidden ** -0.5)

@@ -308,7 +308,8 @@ class SnapshotCheckpointer(Checkpointer):
         optimizer = part(role["optimizer_from"], "optimizer")
         return module, optimizer, own
 
-RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "summary.json", "state.zarr", "final", "tensorboard")
+RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "chunks.jsonl", "summary.json", "state.zarr", "final",
+             "tensorboard")
 """What a run writes into its directory (trainer, metrics sinks, checkpointer, export)."""
 
 

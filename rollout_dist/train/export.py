@@ -3,6 +3,11 @@
 
 With pipeline stages each rank holds only its stage's layers: the stages of replica 0 send theirs to rank 0,
 which loads them into a freshly built full model (on the CPU, in the training dtype) before saving it.
+
+A memory-mode model (``MemoryModel``, one stage) is saved by its own ``save_pretrained``: the HF weights and
+config exactly as plain transformers writes them (``AutoModelForCausalLM.from_pretrained`` loads them, without
+the memory), and beside them ``memory.safetensors`` and ``memory_config.json`` (``MemoryModel.from_pretrained``
+loads all of it).
 """
 from __future__ import annotations
 
@@ -45,9 +50,13 @@ def full_model(model_cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: to
 
 
 def save_model_dir(model: torch.nn.Module, tokenizer, out: Path) -> None:
-    """An HF directory: ``save_pretrained`` of the model and of its tokenizer."""
+    """An HF directory: ``save_pretrained`` of the model (a ``MemoryModel``'s: the HF files plus its memory's)
+    and of its tokenizer."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if getattr(model, "is_memory_model", False):
+        log.info("final model: HF weights in %s (loadable by transformers alone), the memory's beside them "
+                 "(memory.safetensors, memory_config.json: rollout_dist.MemoryModel.from_pretrained)", out)
 
 
 def summarize(history: list[StepStats]) -> dict:

@@ -3,7 +3,9 @@
 - ``ConsoleSink``: the step progress bar and, every ``trainer.log_every`` steps, the "step N  loss ..." line;
 - ``TrainLog``: ``train.log`` in the run directory: every log record of the run plus those step lines;
 - ``JsonlSink``: ``metrics.jsonl``, one JSON object per step with every ``StepStats`` field, flushed each step;
-- ``TensorBoardSink``: DeepSpeed's TensorBoard monitor (``trainer.tensorboard``).
+- ``TensorBoardSink``: DeepSpeed's TensorBoard monitor (``trainer.tensorboard``);
+- ``ChunkLog`` (memory mode): ``chunks.jsonl``, one JSON object per chunk of every document (step, document,
+  span, loss weight, topic shift, damping), and a one-line summary of them in train.log on the steps that log.
 
 The trainer opens them on rank 0 only (every rank computes the same reduced statistics).  ``ChunkBar`` is the
 per-document bar of chunk progress below the step bar, for documents long enough to take a while.
@@ -187,7 +189,11 @@ class TrainLog:
 
     def on_step(self, stats: StepStats) -> None:
         if reports(stats.step, self.log_every):
-            self.handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, step_line(stats), None, None))
+            self.write_line(step_line(stats))
+
+    def write_line(self, text: str) -> None:
+        """A line in train.log only (not on the console)."""
+        self.handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None))
 
     def close(self) -> None:
         logging.getLogger().removeHandler(self.handler)
@@ -221,11 +227,74 @@ class JsonlSink:
         os.replace(tmp, self.path)
 
     def on_step(self, stats: StepStats) -> None:
-        self.file.write(json.dumps(asdict(stats)) + "\n")
+        self.write(asdict(stats))
+
+    def write(self, *records: dict) -> None:
+        """Appends records (each with a ``step``) and flushes."""
+        self.file.write("".join(json.dumps(r) + "\n" for r in records))
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
+
+
+CHUNK_FIELDS = ("chunk", "start", "end", "tokens", "weight", "topic_shift", "damping")
+"""What ``chunks.jsonl`` keeps of each chunk record of a memory rollout (``MemoryRollout.last_chunks``)."""
+
+
+class ChunkLog:
+    """Memory mode's per-chunk records.  After each document every rank hands the rollout's ``last_chunks`` to
+    ``add``; ``end_step`` (collective: every rank calls it once per step) gathers them on rank 0, which writes one
+    line per chunk to ``chunks.jsonl`` (``step`` 1-based as the logs count, ``rank`` the data-parallel rank,
+    ``document`` the document's index in the corpus, then ``CHUNK_FIELDS``; a resumed run drops the lines of steps
+    after its snapshot first, as ``JsonlSink`` does) and, as a step reporter (``on_step``), one summary line in
+    train.log on the steps that log.  On the other ranks ``path`` is None: they only send."""
+
+    def __init__(self, path: Path | None, start_step: int, log_every: int, context, train_log: TrainLog | None):
+        self.sink = JsonlSink(path, start_step) if path is not None else None
+        self.log_every, self.context, self.train_log = log_every, context, train_log
+        self.rows: list[dict] = []
+        self.summary: str | None = None
+
+    def add(self, step: int, document: int, chunks: list[dict]) -> None:
+        """The chunks of one document of (1-based) ``step``."""
+        rank = self.context.layout.dp_rank if self.context.layout is not None else 0
+        self.rows.extend({"step": step, "rank": rank, "document": document,
+                          **{k: c.get(k) for k in CHUNK_FIELDS}} for c in chunks)
+
+    def end_step(self, step: int) -> None:
+        rows, self.rows = self.rows, []
+        if self.context.world > 1:
+            parts = [None] * self.context.world if self.context.is_main else None
+            torch.distributed.gather_object(rows, parts, dst=0)
+            rows = [r for part in parts or [] for r in part]
+        if self.sink is None:
+            return
+        self.sink.write(*rows)
+        self.summary = chunk_summary(step, rows) if rows and reports(step, self.log_every) else None
+
+    def on_step(self, stats: StepStats) -> None:
+        if self.summary is not None and self.train_log is not None:
+            self.train_log.write_line(self.summary)
+        self.summary = None
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
+def chunk_summary(step: int, rows: list[dict]) -> str:
+    """One line over a step's chunk records: counts, the loss weights' range, topic shift and damping."""
+    def stat(key: str, how) -> float:
+        values = [float(r[key]) for r in rows if r.get(key) is not None]
+        return how(values) if values else float("nan")
+    documents = len({(r["rank"], r["document"]) for r in rows})
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return (f"step {step:>5}  memory: {len(rows)} chunks in {documents} document{'s' if documents != 1 else ''}"
+            f"  weight {stat('weight', min):.3g}-{stat('weight', max):.3g}  topic shift mean "
+            f"{stat('topic_shift', mean):.3g} max {stat('topic_shift', max):.3g}  damping mean "
+            f"{stat('damping', mean):.3g} min {stat('damping', min):.3g}"
+            "  (per chunk: chunks.jsonl)")
 
 
 class TensorBoardSink:

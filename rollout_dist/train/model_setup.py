@@ -1,5 +1,6 @@
-"""The model a run trains: built with the refusals that must come before anything is written, and trimmed to
-this rank's pipeline stage once the layout is known."""
+"""The model a run trains: built with the refusals that must come before anything is written, wrapped with memory
+mode's per-layer state (``rollout.mode=memory``), and trimmed to this rank's pipeline stage once the layout is
+known."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,9 @@ from ..parallel import RankLayout
 
 def build_trainable_model(cfg: TrainConfig, device: torch.device):
     """(model, tokenizer) for training (in train mode), refusing what DeepSpeed cannot train (float64 gradients)
-    or what the config contradicts (bf16 optimizer states of a non-bf16 model) with the key to change."""
+    or what the config contradicts (bf16 optimizer states of a non-bf16 model) with the key to change.  In
+    ``rollout.mode=memory`` the model is the HF model wrapped by ``with_memory(model, cfg.memory)`` (a
+    ``MemoryModel``, whose memory parameters are created here, after the HF weights, from the same seed)."""
     if cfg.model.dtype == "float64":
         raise ConfigError("model.dtype=float64 is for the API's exactness checks; DeepSpeed does not reduce "
                           "float64 gradients, so train in float32 or bfloat16")
@@ -23,7 +26,19 @@ def build_trainable_model(cfg: TrainConfig, device: torch.device):
         raise ConfigError(f"trainer.optimizer_dtype=bf16 needs a bf16 model; model.dtype gives "
                           f"{str(model.dtype).replace('torch.', '')} on {device}: set "
                           "model.dtype=bfloat16 or trainer.optimizer_dtype=fp32")
+    if cfg.rollout.mode == "memory":
+        from ..model.memory import with_memory
+        try:
+            model = with_memory(model, cfg.memory)
+        except (TypeError, ValueError) as err:  # a model family memory mode does not wrap
+            raise ConfigError(f"rollout.mode=memory: {err}") from None
+        model.train()
     return model, tokenizer
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model trains in (its parameters'): an HF model's ``.dtype``, also for a ``MemoryModel``."""
+    return next(model.parameters()).dtype
 
 
 def trim_to_this_stage(model: torch.nn.Module, parallel: ParallelConfig, layout: RankLayout,

@@ -4,6 +4,11 @@ sized from GPU memory, and the predicted peak logged with what to change if it d
 The byte counts are engine/budget.py's (GPU) and model/offload.py's (host); this module decides with them.
 Every rank takes the smallest of all ranks' picks (``RunContext.smallest_over_ranks``), so that all stages and
 replicas cut documents alike.
+
+Memory mode (``rollout.mode=memory``) keeps no K/V: its peak is the fixed part, one chunk's activations and
+logits (counted on a probe chunk that reads the memory), and the small states stored at every chunk boundary.
+Its chunk size is part of the model, so it is never picked from memory (TrainConfig refuses
+``rollout.chunk_size=0`` there without a chunk index) and there are no kept attention outputs to size.
 """
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..engine import Rollout
-from ..engine.budget import (PeakEstimate, activation_bytes_per_token, estimate_peak, fit_advice, fit_keep_tokens,
-                             pending_gradient_bytes, pick_chunk_size)
+from ..engine.budget import (GiB, PeakEstimate, activation_bytes_per_token, estimate_peak, fit_advice,
+                             fit_keep_tokens, logits_bytes_per_token, pending_gradient_bytes, pick_chunk_size)
 from ..model import CausalLMAdapter
 from ..model.offload import check_host_memory, host_bytes_needed, offloaded_layers
 from .context import RunContext
@@ -67,10 +72,13 @@ class MemoryPlanner:
                  context: RunContext):
         self.cfg, self.rollout, self.module, self.data, self.context = cfg, rollout, module, data, context
         self.device = context.device
+        self.memory_mode = cfg.rollout.mode == "memory"
 
     def plan(self) -> None:
         """What set-up decides: the chunk size when ``rollout.chunk_size=0`` (and no chunk index plans the
         chunks), then on a GPU how many attention outputs to keep."""
+        if self.memory_mode:
+            return  # the chunk size is the config's (or the chunk index's); nothing kept to size
         if self.cfg.rollout.chunk_size == 0 and not self.data.planned_spans:
             self.pick_chunk_size()
         if self.device.type == "cuda":
@@ -78,7 +86,10 @@ class MemoryPlanner:
 
     @functools.cached_property
     def activation_per_token(self) -> int:
-        """Bytes autograd keeps per chunk token (engine/budget.py), counted once per run."""
+        """Bytes autograd keeps per chunk token (engine/budget.py; memory mode: a probe chunk of the memory model,
+        ``memory_activation_bytes_per_token``), counted once per run."""
+        if self.memory_mode:
+            return memory_activation_bytes_per_token(self.module)
         return activation_bytes_per_token(CausalLMAdapter(self.module))
 
     def fixed_bytes(self) -> int:
@@ -141,6 +152,8 @@ class MemoryPlanner:
 
     def predicted_peak(self) -> PeakEstimate:
         """The memory model's peak GPU memory (engine.budget.PeakEstimate) of the longest document's step."""
+        if self.memory_mode:
+            return self._memory_mode_peak()
         return estimate_peak(CausalLMAdapter(self.module), self.data.longest_doc,
                              self.data.largest_chunk(self.rollout.chunk_size),
                              keep_attention=self.rollout.keep_attention, keep_tokens=self.rollout.keep_tokens,
@@ -154,6 +167,51 @@ class MemoryPlanner:
         capacity = self._capacity(capacity)
         log.info("GPU memory, predicted peak for the longest document: %s of %.1f GiB", est.describe(),
                  capacity / 2 ** 30)
-        advice = fit_advice(est, capacity, ro.offload, self.rollout.keep_attention, ro.offload_layers)
+        if self.memory_mode:
+            advice = None if est.total <= 0.95 * capacity else (
+                f"predicted peak {est.total / GiB:.1f} GiB exceeds the GPU's {capacity / GiB:.1f} GiB "
+                f"({est.describe()}); in rollout.mode=memory it does not grow with the document: try a smaller "
+                "rollout.chunk_size, rollout.vocab_tile, or trainer.zero_stage / trainer.offload_optimizer for the "
+                "weights and optimizer")
+        else:
+            advice = fit_advice(est, capacity, ro.offload, self.rollout.keep_attention, ro.offload_layers)
         if advice:
             log.warning("%s", advice)
+
+    def _memory_mode_peak(self) -> PeakEstimate:
+        """Memory mode: fixed part + one chunk's activations and logits + the states stored at every chunk boundary
+        of the longest document (and the gradient handed back through one of them)."""
+        model, longest = self.module, self.data.longest_doc
+        chunk = min(self.data.largest_chunk(self.rollout.chunk_size), longest)
+        ad = CausalLMAdapter(model.model)
+        one_state = ad.num_layers * model.memory_config.slots * ad.hidden_size * (
+            torch.finfo(model.state_dtype).bits // 8)
+        boundaries = -(-longest // max(1, self.rollout.chunk_size)) + 1
+        if self.data.planned_spans:
+            boundaries = max(len(v) for v in self.data.planned_spans.values()) + 1
+        per_token = self.activation_per_token + logits_bytes_per_token(ad, self.cfg.rollout.vocab_tile)
+        return PeakEstimate(tokens=longest, chunk=chunk, fixed=self.fixed_bytes(),
+                            state=(boundaries + 2) * one_state, chunk_activations=chunk * per_token, transient=0)
+
+
+def memory_activation_bytes_per_token(model: torch.nn.Module, probe_tokens: int = 32) -> int:
+    """Bytes autograd keeps per chunk token when a ``MemoryModel`` recomputes a chunk that reads its memory (the
+    backward pass's view): a probe chunk after a probe first chunk, with saved-tensor hooks that add up what is
+    kept; weights are not counted, nor the logits."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        ids = torch.zeros((1, probe_tokens), dtype=torch.long, device=device)
+        skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip:
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+        with model.memory_attention():
+            with torch.no_grad():
+                carry = model.run_chunk(ids, model.initial_carry(1, device)).carry
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model.run_chunk(ids, carry)
+    return -(-sum(saved.values()) // probe_tokens)

@@ -18,6 +18,10 @@ Per step s (1-based), on every rank:
    parameter's update (``UPDATE``), then ``STEP_END``.  The coordinator compares parameters across each stage's
    data-parallel replicas (optimizer tensors too at ZeRO 0), and what stages sent against what was received.
 
+In memory mode (``rollout.mode=memory``) there are no K/V to digest (the carried state is a few slots per layer,
+recomputed from the stored boundary states): the chunk checks of 2 and 3 are skipped, which set-up logs, and the
+parameter and optimizer checks of 3 and 4 run as above.
+
 Every rank acts on the same verdict at the same point (before step s+1's optimizer step, or after the last step),
 so a halt or a rollback needs no extra agreement.  A snapshot of step s is published only once step s's verdict
 says it agrees (``gate``, called by rank 0's background writer).
@@ -97,6 +101,8 @@ class Verifier:
         self.device = context.device
         self.store = store
         self.faults = FaultInjector(cfg.fault, self.rank)
+        self.chunk_checks = cfg.rollout.mode == "exact"
+        """Whether chunks carry K/V to check (not in memory mode: module docstring)."""
         self.k = self.co.topk
         self.client: CoordinatorClient | None = None
         self.hub: Hub | None = None
@@ -129,6 +135,10 @@ class Verifier:
         hashes of the state the run starts from (step ``step``: 0, or the step a resume continues)."""
         self.agreed = step
         self._open()
+        if not self.chunk_checks:
+            log.info("coordinator: rollout.mode=%s carries no K/V, so the chunk K/V checks (fill pass against the "
+                     "backward recompute, replay) are skipped; parameters and optimizer state are checked every step "
+                     "(at rest and across replicas)", self.cfg.rollout.mode)
         records = self.attach(step)
         if step and self.store is not None:
             self._check_against_log(step, records)
@@ -136,7 +146,8 @@ class Verifier:
     def attach(self, step: int) -> list[dg.Digest]:
         """Hooks the rollout (chunk K/V, pipeline transfers) and takes the at-rest hashes of the state at
         ``step``; returns those records.  ``detach`` undoes the hooks (a benchmark's unchecked steps)."""
-        self.rollout.state_observer = self
+        if self.chunk_checks:
+            self.rollout.state_observer = self
         if hasattr(self.rollout, "p2p_watch"):
             self.rollout.p2p_watch = self._on_p2p
         self.chunk_red, self.step_red, self.pending = [], [], defaultdict(list)
@@ -207,7 +218,7 @@ class Verifier:
         self.doc = _Doc(doc_id, input_ids, list(spans), stream)
         self.docs.append(self.doc)
         self.chunk_of = {s: i for i, (s, _) in enumerate(self.doc.spans)}
-        return [self._on_chunk]
+        return [self._on_chunk] if self.chunk_checks else []
 
     def on_chunk_kv(self, phase: str, layer: int, start: int, end: int, key, value, stored_key, stored_value):
         """KVState's observer: the chunk's K/V of one layer (rollout_dist.model.kv_state ``observe_kv``)."""
