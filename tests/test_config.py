@@ -44,7 +44,7 @@ def test_model_shapes_match_their_names():
 
 @pytest.mark.parametrize("override,key", [
     ("rollout.chunk_size=-8", "rollout.chunk_size"),
-    ("rollout.mode=memory", "rollout.mode"),
+    ("rollout.mode=recurrent", "rollout.mode"),
     ("rollout.attention=xformers", "rollout.attention"),
     ("trainer.zero_stage=3", "trainer.zero_stage"),
     ("trainer.offload_optimizer=nvme", "trainer.offload_optimizer"),
@@ -105,7 +105,7 @@ def test_chunk_size_zero_means_picked_from_memory():
     ("+trainer.max_stepz=3", "trainer.max_stepz=3: unknown key 'max_stepz' in trainer; did you mean "
                              "trainer.max_steps=3?"),
     ("+experimnt=tinyllama_2m", "did you mean +experiment=tinyllama_2m?"),
-    ("+rollout.zzzzz=1", "unknown key 'zzzzz' in rollout, whose keys are mode, chunk_size, attention"),
+    ("+rollout.zzzzz=1", "unknown key 'zzzzz' in rollout, whose keys are mode, bptt_chunks, loss_weighting"),
 ])
 def test_keys_added_with_plus_must_exist(override, message):
     with pytest.raises(ConfigError) as err:
