@@ -89,25 +89,41 @@ def test_first_step_gradient_equals_plain_autograd_through_every_chunk(tmp_path)
         assert err <= 2e-5 or (grads[name] - g).abs().max().item() <= 1e-7, (name, err)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
-def test_memory_parameters_have_their_own_group_and_the_schedule_keeps_its_ratio(tmp_path, schedule):
+@pytest.mark.parametrize("schedule,zero_stage", [("cosine", 0), ("linear", 0), ("constant", 0), ("cosine", 1),
+                                                 ("linear", 2)])
+def test_memory_parameters_have_their_own_group_and_the_schedule_keeps_its_ratio(tmp_path, schedule, zero_stage):
     """memory.lr and memory.weight_decay apply to exactly the memory's parameters; after every step the
-    memory group's rate is memory.lr times the factor the schedule gives the model's rate (trainer.lr)."""
+    memory group's rate is memory.lr times the factor the schedule gives the model's rate (trainer.lr): DeepSpeed's
+    WarmupCosineLR scales each group's own rate, WarmupLR and WarmupDecayLR get one rate per group."""
     seen = []
     trainer = make_trainer(tmp_path, max_steps=3, warmup_steps=2, schedule=schedule, lr=2e-3, min_lr=2e-4,
-                           weight_decay=0.1, memory={"lr": 5e-3, "weight_decay": 0.0},
+                           weight_decay=0.1, memory={"lr": 5e-3, "weight_decay": 0.0}, zero_stage=zero_stage,
                            step_hooks=[lambda s: seen.append([g["lr"] for g in trainer.engine.optimizer.param_groups])])
     trainer.fit()
     groups = trainer.engine.optimizer.param_groups
-    assert len(groups) == 2
-    memory = {id(p) for p in trainer.engine.module.memory_parameters()}
-    assert {id(p) for p in groups[1]["params"]} == memory and not memory & {id(p) for p in groups[0]["params"]}
-    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert len(groups) == 2 and groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    if zero_stage == 0:  # (ZeRO's groups hold flat partitions)
+        memory = {id(p) for p in trainer.engine.module.memory_parameters()}
+        assert {id(p) for p in groups[1]["params"]} == memory and not memory & {id(p) for p in groups[0]["params"]}
     assert len(seen) == 3 and len({round(m, 12) for m, _ in seen}) > 1  # the schedule moved the rate
     for model_lr, memory_lr in seen:
         factor = model_lr / 2e-3
         assert memory_lr == pytest.approx(5e-3 * factor, rel=1e-9), (schedule, seen)
     assert [s.lr for s in trainer.history][1:] == pytest.approx([m for m, _ in seen][:-1], rel=1e-9)
+
+
+def test_zero_stages_give_the_same_update_as_stage_0(tmp_path):
+    """The memory's parameter group through ZeRO 1 and 2 (partitioned per group) trains as at ZeRO 0."""
+    results = {}
+    for stage in (0, 1, 2):
+        trainer = make_trainer(tmp_path / f"z{stage}", zero_stage=stage, memory={"lr": 5e-3})
+        liven(trainer.model)
+        trainer.fit()
+        results[stage] = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    for stage in (1, 2):
+        worst = max(((results[stage][n] - p).norm() / p.norm().clamp_min(1e-12)).item()
+                    for n, p in results[0].items())
+        assert worst <= 1e-6, (stage, worst)
 
 
 def test_memory_lr_zero_is_the_model_lr(tmp_path):
