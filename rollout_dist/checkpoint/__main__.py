@@ -313,7 +313,8 @@ def cmd_export(args) -> int:
     dtype = getattr(torch, cfg.model.dtype) if cfg.model.dtype != "auto" else (
         getattr(torch, trained) if trained else floating.most_common(1)[0][0] if floating else torch.float32)
     try:
-        model, tokenizer = full_model(cfg.model, state, dtype)
+        model, tokenizer = full_model(cfg.model, state, dtype, memory=cfg.memory if cfg.rollout.mode == "memory"
+                                      else None)
     except ConfigError as err:  # model.path that is not there on this machine
         raise UsageError(f"{where}: {err}") from None
     except RuntimeError as err:  # load_state_dict: names or shapes that are not the config's model's

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, TrainConfig
+from ..config import MemoryConfig, ModelConfig, TrainConfig
 from ..model import stage_state_dict
 from ..model.build import build_model, materialize
 from .context import RunContext
@@ -40,12 +40,20 @@ def gather_full_state(module: torch.nn.Module, context: RunContext) -> dict | No
     return {k: v for shard in shards for k, v in shard.items()}
 
 
-def full_model(model_cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype):
+def full_model(model_cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+               memory: MemoryConfig | None = None):
     """(model, tokenizer): the whole model of ``model_cfg`` (built on the meta device, or read from
-    ``model.path``) in ``dtype``, holding ``state`` (every tensor, under the full model's names), on the CPU."""
+    ``model.path``) in ``dtype``, holding ``state`` (every tensor, under the full model's names), on the CPU.
+    With ``memory`` (a memory-mode run's ``MemoryConfig``) it is the ``MemoryModel`` wrapping that model, and
+    ``state`` holds the wrapper's names (``model.*`` and the memory's)."""
     model, tokenizer = build_model(model_cfg, torch.device("cpu"), dtype=dtype, materialized=False)
-    model.load_state_dict(state, strict=True, assign=True)
+    hf_state = state if memory is None else {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    model.load_state_dict(hf_state, strict=True, assign=True)
     materialize(model, torch.device("cpu"))
+    if memory is not None:
+        from ..model.memory import with_memory
+        model = with_memory(model, memory)
+        model.load_state_dict(state, strict=True)
     return model, tokenizer
 
 

@@ -191,6 +191,18 @@ def test_resume_is_bit_identical_and_continues_the_curriculum(tmp_path, caplog):
         assert torch.equal(p, q), name  # bit for bit on the CPU
     rows = chunk_rows(tmp_path / "b" / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 4]  # step 3 of the killed attempt dropped, then rewritten
+    # the snapshot CLI exports a memory-mode snapshot as the final model is saved: HF files plus the memory's
+    from omegaconf import OmegaConf
+
+    from rollout_dist.checkpoint.__main__ import main as checkpoint_cli
+    config = tmp_path / "config.yaml"
+    config.write_text(OmegaConf.to_yaml(OmegaConf.structured(resumed.cfg)))
+    out = tmp_path / "export"
+    assert checkpoint_cli(["export", str(tmp_path / "b" / "run" / "state.zarr"), str(out), "--config",
+                           str(config)]) == 0
+    exported = MemoryModel.from_pretrained(out)
+    for (name, p), (_, q) in zip(resumed.engine.module.named_parameters(), exported.named_parameters()):
+        assert torch.equal(p.detach(), q.detach()), name
 
 
 def test_curriculum_cuts_documents_to_the_stage_count(tmp_path, caplog):
