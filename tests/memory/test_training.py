@@ -205,6 +205,18 @@ def test_resume_is_bit_identical_and_continues_the_curriculum(tmp_path, caplog):
         assert torch.equal(p.detach(), q.detach()), name
 
 
+def test_a_flipped_weight_bit_is_caught_in_memory_mode(tmp_path):
+    """The coordinator's step-level checks run in memory mode: a weight of the model corrupted at rest stops the
+    run at that step (the chunk K/V checks are the ones skipped)."""
+    from rollout_dist.config import FaultConfig
+    from rollout_dist.trainer import DivergenceError
+    trainer = make_trainer(tmp_path, max_steps=3, grad_accum=1)
+    trainer.cfg.fault = FaultConfig(kind="param_bitflip", step=2, bit=20)
+    with pytest.raises(DivergenceError, match=r"step 2 did not agree") as err:
+        trainer.fit()
+    assert "model.model.layers.0." in str(err.value) and "changed at rest" in str(err.value)
+
+
 def test_curriculum_cuts_documents_to_the_stage_count(tmp_path, caplog):
     curriculum = Curriculum([2, 4, 8], 3)
     assert [curriculum.chunks(s) for s in range(11)] == [2, 2, 2, 4, 4, 4, 8, 8, 8, 8, 8]
