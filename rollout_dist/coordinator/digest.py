@@ -180,10 +180,11 @@ def unpack_all(buf: bytes | memoryview) -> list[Digest]:
 
 # ------------------------------------------------------------------------------------------- reductions
 def _words(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as signed 32-bit words (zero-padded to a whole word); no copy when already whole."""
+    """The tensor's bytes as signed 32-bit words (zero-padded to a whole word); no copy when already whole and
+    word-aligned (a view into a flat buffer after a parameter of an odd number of 2-byte elements is not)."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     pad = (-raw.numel()) % 4
-    if pad:
+    if pad or raw.storage_offset() % 4:
         raw = torch.cat([raw, raw.new_zeros(pad)])
     return raw.view(torch.int32)
 

@@ -217,6 +217,17 @@ def test_a_flipped_weight_bit_is_caught_in_memory_mode(tmp_path):
     assert "model.model.layers.0." in str(err.value) and "changed at rest" in str(err.value)
 
 
+def test_the_gpu_digest_reads_a_parameter_two_bytes_off_a_word():
+    """DeepSpeed's bf16 optimizers put the parameters into one flat buffer; after the memory's one-element topic
+    strength the next parameter starts 2 bytes off a 4-byte word, which the coordinator's block checksum (its
+    digest of device tensors) must read like any other."""
+    from rollout_dist.coordinator.digest import block_checksum
+    flat = torch.randn(21).to(torch.bfloat16)
+    view = flat[1:9]
+    assert view.storage_offset() * view.element_size() % 4 == 2
+    assert torch.equal(block_checksum(view), block_checksum(view.clone()))
+
+
 def test_curriculum_cuts_documents_to_the_stage_count(tmp_path, caplog):
     curriculum = Curriculum([2, 4, 8], 3)
     assert [curriculum.chunks(s) for s in range(11)] == [2, 2, 2, 4, 4, 4, 8, 8, 8, 8, 8]
