@@ -132,7 +132,16 @@ def train(variant: str, args, device, log) -> tuple[torch.nn.Module, dict]:
     model.train()
     t0, history = time.perf_counter(), []
     warm = max(1, args.steps // 20)
-    for step in range(args.steps):
+    step, t5 = 0, None
+    while step < args.steps:
+        if step == 5:
+            t5 = time.perf_counter()
+        if step == 25 and args.max_seconds:  # fit the budget: every variant then trains this many steps
+            fit = int(args.max_seconds / ((time.perf_counter() - t5) / 20))
+            if fit < args.steps:
+                log(f"  {variant}: {args.steps} steps would exceed --max-seconds={args.max_seconds}; {fit} steps")
+                args.steps = fit
+            args.max_seconds = 0
         scale = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g, base_lr in zip(opt.param_groups, base_lrs):
             g["lr"] = base_lr * max(scale, 0.05)
@@ -149,11 +158,13 @@ def train(variant: str, args, device, log) -> tuple[torch.nn.Module, dict]:
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             history.append((step, round(float(loss.detach()), 4)))
             log(f"  {variant} step {step}/{args.steps} loss {history[-1][1]:.3f} ({time.perf_counter() - t0:.0f} s)")
+        step += 1
     seconds = time.perf_counter() - t0
     gates = None
     if variant != "exact":
         gates = [float(m.inject.abs().mean()) for m in model.memory]
-    return model, {"train_seconds": round(seconds, 1), "loss_history": history, "inject_gate_mean_abs": gates}
+    return model, {"train_seconds": round(seconds, 1), "steps": step,
+                   "loss_history": history, "inject_gate_mean_abs": gates}
 
 
 def chunked_step(model, ids, answer, args, ablate) -> torch.Tensor:
@@ -225,6 +236,9 @@ def main() -> None:
     p.add_argument("--text-chunks", type=int, default=16)
     p.add_argument("--text-docs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=0,
+                   help="fit the first variant's training into this long (its speed measured over steps 5-25); "
+                        "every variant then trains that many steps")
     p.add_argument("--chunked", action="store_true", help="train memory variants with chunked_forward_backward")
     p.add_argument("--tiny", action="store_true", help="a CPU smoke run of the same code")
     args = p.parse_args()

@@ -42,6 +42,8 @@ class MemoryDocument:
     importance: ImportanceWeights | None = None
     boundary_scores: Sequence[float] | None = None
     scale: float = 1.0
+    random: bool = True
+    """Whether the model draws random numbers (dropout live in training mode)."""
 
     @property
     def batch(self) -> int:
@@ -64,6 +66,10 @@ class MemoryDocument:
         return cross_entropy_sum(logits, self.chunk_targets(t))
 
     def scope(self, t: int):
+        """Chunk t's random stream per layer (dropout draws equal on recompute); None when nothing is drawn (no
+        dropout is live), which saves seeding the generators for every layer of every chunk."""
+        if not self.random:
+            return None
         device = self.input_ids.device
         return lambda layer: self.stream.scope(t, layer, device)
 
@@ -73,7 +79,7 @@ class MemoryDocument:
     def factors(self, ces: Sequence[torch.Tensor] | None, shifts: Sequence[torch.Tensor]) -> tuple[list, list]:
         """(f_t, w_t) for the chunks (rollout_dist.engine.weighting), from the forward pass's signals."""
         losses = None if ces is None else [float(ce) / n if n else 0.0 for ce, n in zip(ces, self.counts)]
-        shift = [float(s.mean()) for s in shifts]
+        shift = [float(s.mean()) if torch.is_tensor(s) else float(s) for s in shifts]
         if self.boundary_scores is not None:
             shift = [max(a, float(b)) for a, b in zip(shift, self.boundary_scores)]
         keywords = None
@@ -101,11 +107,14 @@ def prepare_document(model, input_ids: torch.Tensor, labels: torch.Tensor | None
     chunks = plan_chunks(input_ids.shape[1], chunk_size, spans)
     if boundary_scores is not None and len(boundary_scores) != len(chunks):
         raise ValueError(f"{len(boundary_scores)} boundary scores for {len(chunks)} chunks")
-    valid = targets != IGNORE_INDEX
-    counts = [int(valid[:, c.own:c.end].sum()) for c in chunks]
+    ends = torch.nn.functional.pad((targets != IGNORE_INDEX).sum(0).cumsum(0), (1, 0)).tolist()  # one transfer
+    counts = [ends[c.end] - ends[c.own] for c in chunks]
     if stream is None:
         stream = StreamKey.from_default_generator()
-    return MemoryDocument(input_ids, targets, chunks, counts, stream, weighting, importance, boundary_scores, scale)
+    random = model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()) or (
+        model.training and float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0)
+    return MemoryDocument(input_ids, targets, chunks, counts, stream, weighting, importance, boundary_scores, scale,
+                          random)
 
 
 class MemoryState(CarriedState):

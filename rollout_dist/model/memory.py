@@ -10,7 +10,7 @@ decoder layer L additionally
   by the topic shift: ``o = o_local + g_L * exp(-beta_L * d_t) * o_mem``, where d_t is the cosine distance between
   this chunk's topic vector (mean token embedding) and the previous chunk's (0 on the first chunk) and beta_L a
   learned strength; consecutive chunks on one topic (d_t near 0) inject fully, a shift damps it;
-- **writes** S_L after the chunk from the hidden states H that entered layer L, by a gated recurrent projection:
+- **writes** S_L after the chunk from the hidden states H that layer L produced, by a gated recurrent projection:
   each slot j pools the chunk, ``u_j = softmax(q_j . W_w norm(H) / sqrt(r)) norm(H)``, then a selective decay
   (as Mamba's time step) gates it in: ``dt_j = softplus(a . u_j + b . S_j + dt_bias_j)``,
   ``lambda_j = exp(-dt_j * exp(A_j))``, ``S_j <- lambda_j S_j + (1 - lambda_j) u_j``, with learned per-slot decay
@@ -21,8 +21,9 @@ Positions are dual-track: the local RoPE track restarts each chunk, and a learne
 log-spaced buckets (bucket 0: chunk 0, bucket b: chunks [2^(b-1), 2^b)) is added to the token embeddings that
 form every layer's queries and keys, times a gate ``p`` (per channel).
 
-At initialisation ``g_L`` and ``p`` are zero, so the model equals the HF model run on each chunk alone with
-positions restarting at 0 (tested in float64); their gradients are not zero, so both tracks learn.  The state is
+At initialisation the memory's value projection (ARMT's choice) and ``p`` are zero, so the model equals the HF model
+run on each chunk alone with positions restarting at 0 (tested in float64); their gradients are not zero, so both
+tracks learn.  ``g_L`` starts at 1.  The state is
 normalised before it is read and is a convex combination of normalised hidden states, so it cannot grow; it is
 kept in float32 for bf16 models (``memory.state_dtype``).
 
@@ -123,14 +124,15 @@ class LayerMemory(nn.Module):
         self.decay_log = nn.Parameter(torch.zeros(slots))
         self.key = nn.Linear(hidden, kv_heads * head_dim, bias=False)
         self.value = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.inject = nn.Parameter(torch.zeros(heads))  # zero at init: step 0 is the base model
+        self.inject = nn.Parameter(torch.ones(heads))
         strength = float(topic_damping)
         # shape (1,), not a 0-dim tensor: DeepSpeed broadcasts every parameter as bytes, which a 0-dim one cannot be
         self.topic_strength = nn.Parameter(torch.tensor([strength + math.log(-math.expm1(-strength))
                                                          if strength > 0 else -20.0]))
         nn.init.normal_(self.write_key.weight, std=hidden ** -0.5)
         nn.init.normal_(self.key.weight, std=hidden ** -0.5)
-        nn.init.normal_(self.value.weight, std=hidden ** -0.5)
+        nn.init.zeros_(self.value.weight)  # zero at init (ARMT's choice): step 0 is the base model, and its gradient
+        # is the memory read's own signal (a zero gate in front of random values would scale every gradient by ~0)
         self.kv_heads, self.head_dim = kv_heads, head_dim
 
     def read(self, slots: torch.Tensor, damping: torch.Tensor, dtype: torch.dtype, cos, sin) -> MemoryRead:
@@ -142,7 +144,7 @@ class LayerMemory(nn.Module):
         return MemoryRead(keys, values, scale, cos, sin)
 
     def write(self, slots: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The state after a chunk whose hidden states entering this layer were ``hidden`` (B, c, H)."""
+        """The state after a chunk in which this layer produced ``hidden`` (B, c, H)."""
         dtype = slots.dtype
         h = _rms(hidden.to(dtype))
         keys = F.linear(h, self.write_key.weight.to(dtype))  # (B, c, r)
@@ -274,8 +276,8 @@ class MemoryModel(nn.Module):
             shift = torch.zeros(topic.shape[0], dtype=topic.dtype, device=topic.device)
         else:
             shift = 1 - F.cosine_similarity(topic, carry.topic.to(topic.dtype), dim=-1)
-        bucket = torch.tensor(chunk_bucket(carry.index, self.memory_config.chunk_buckets), device=emb.device)
-        hidden = emb + self.chunk_gate * self.chunk_index(bucket)
+        bucket = chunk_bucket(carry.index, self.memory_config.chunk_buckets)
+        hidden = emb + self.chunk_gate * self.chunk_index.weight[bucket]  # a Python index: no host-to-device copy
         positions = torch.arange(input_ids.shape[1], device=emb.device)[None].expand(input_ids.shape[0], -1)
         cos, sin = ad.decoder.rotary_emb(hidden, positions)
         first = carry.topic is None
@@ -287,11 +289,11 @@ class MemoryModel(nn.Module):
             else:
                 read = mem.read(slots, shift, hidden.dtype, cos, sin)
                 damping.append(torch.exp(-F.softplus(mem.topic_strength.detach().float()) * shift))
-            new_slots.append(mem.write(slots, hidden))
             with layer_scope(i) if layer_scope is not None else nullcontext():
                 out = layer(hidden, attention_mask=read, position_ids=positions, position_embeddings=(cos, sin),
                             use_cache=False)
             hidden = out[0] if isinstance(out, tuple) else out
+            new_slots.append(mem.write(slots, hidden))
         damp = torch.stack(damping).mean(0) if damping else torch.ones_like(shift)
         return ChunkOutput(ad.final_norm(hidden), MemoryCarry(tuple(new_slots), topic, carry.index + 1), shift, damp)
 
@@ -325,12 +327,14 @@ class MemoryModel(nn.Module):
                 if return_logits:
                     logits.append(chunk_logits[:, chunk.own - chunk.start:])
                 outputs.append(out)
-        factors, weights = doc.factors([ce.detach() for ce in ces], [o.topic_shift for o in outputs])
-        loss = sum(f * ce for f, ce in zip(factors, ces)) if doc.num_tokens else None
+        signals = torch.stack([torch.stack([ce.detach().double(), o.topic_shift.mean().double(),
+                                            o.damping.mean().double()]) for ce, o in zip(ces, outputs)]).tolist()
+        ce_values, shifts, damping = zip(*signals)  # one transfer to the host for all chunks
+        factors, weights = doc.factors(ce_values, shifts)
+        loss = sum(f * ce for f, ce in zip(factors, ces))
         return MemoryOutput(loss=loss, logits=torch.cat(logits, dim=1) if return_logits else None,
-                            num_tokens=doc.num_tokens, chunk_losses=doc.chunk_means([ce.detach() for ce in ces]),
-                            chunk_weights=weights, topic_shift=[float(o.topic_shift.mean()) for o in outputs],
-                            damping=[float(o.damping.mean()) for o in outputs], carry=carry)
+                            num_tokens=doc.num_tokens, chunk_losses=doc.chunk_means(ce_values),
+                            chunk_weights=weights, topic_shift=list(shifts), damping=list(damping), carry=carry)
 
     # ---- saving -------------------------------------------------------------------------------------------------
     def memory_state_dict(self) -> dict[str, torch.Tensor]:

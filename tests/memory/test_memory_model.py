@@ -25,6 +25,7 @@ def memory_model(family="llama", seed=0, live=True, **cfg):
         with torch.no_grad():
             for mem in model.memory:
                 mem.inject.copy_(torch.randn(mem.inject.shape, generator=g, dtype=torch.float64))
+                mem.value.weight.copy_(0.3 * torch.randn(mem.value.weight.shape, generator=g, dtype=torch.float64))
                 mem.gate_input.copy_(0.3 * torch.randn(mem.gate_input.shape, generator=g, dtype=torch.float64))
                 mem.gate_state.copy_(0.3 * torch.randn(mem.gate_state.shape, generator=g, dtype=torch.float64))
             model.chunk_gate.copy_(torch.randn(model.chunk_gate.shape, generator=g, dtype=torch.float64))
@@ -71,9 +72,9 @@ def test_at_initialisation_equals_base_model_on_each_chunk_alone(family):
         expected = base(chunk).logits  # HF alone: positions 0..c-1, no state
         got = out.logits[:, s:s + 6]
         assert (got - expected).abs().max().item() <= 1e-9 * expected.abs().max().item()
-    # the gates are zero but learn: their gradients are not zero
+    # the zero factors (memory values, chunk-index gate) learn: their gradients are not zero
     out.loss.backward()
-    assert model.memory[1].inject.grad.abs().sum() > 0
+    assert model.memory[1].value.weight.grad.abs().sum() > 0
     assert model.chunk_gate.grad.abs().sum() > 0
 
 
@@ -210,7 +211,7 @@ def test_dropout_draws_the_same_masks_on_recompute():
     model.train()
     with torch.no_grad():
         for mem in model.memory:
-            mem.inject.fill_(0.7)
+            mem.value.weight.normal_(0, 0.3)
     ids = _ids(2, 15)
     ref, ref_grads = _reference(model, ids, 4)
     _, grads = _chunked(model, ids, 4)
