@@ -3,9 +3,10 @@
 
 Four documents whose lengths do not divide by the chunk size; a step is a window of two documents (one process:
 grad_accum=2; dp=2: one document per replica, dealt round-robin).  Gradient clipping is low enough to act, so the
-global gradient norm over replicas is checked too; the memory's learning rate is high enough that its gates open
-after the first step, so later steps carry gradient through the state.  Losses, the final HF weights and the
-memory's weights are compared in float32, and the per-chunk records of both replicas reach rank 0's chunks.jsonl.
+global gradient norm over replicas is checked too; the memory's learning rate is high enough that its values (zero
+at initialisation) move in the first step, so later steps carry gradient through the state.  Losses, the final HF
+weights and the memory's weights are compared in float32, and the per-chunk records of both replicas reach rank 0's
+chunks.jsonl.
 """
 import json
 import random
@@ -70,8 +71,8 @@ def test_data_parallel_memory_mode_trains_like_one_process(tmp_path, docs):
     for key, ref in ref_weights.items():
         err = ((weights[key].double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
         assert err <= 1e-5, f"{key} differs by {err:.2e}"
-    # the memory learned: its injection gates moved away from zero
-    assert ref_weights["memory:memory.0.inject"].abs().max() > 0
+    # the memory learned: its values (zero at initialisation) moved, so later steps read the state
+    assert ref_weights["memory:memory.0.value.weight"].abs().max() > 0
     # every replica's chunk records, on rank 0: the same chunks and weights as one process
     assert {r["rank"] for r in rows} == {0, 1}
 

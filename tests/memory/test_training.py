@@ -47,12 +47,14 @@ def make_trainer(tmp_path, *, texts=None, chunk=7, grad_accum=2, max_steps=2, ch
 
 
 def liven(model: MemoryModel, seed: int = 7) -> None:
-    """Random values for the gates that are zero at initialisation, so the memory and the chunk-index track
-    contribute to the loss (at initialisation they contribute nothing, and the write path gets no gradient)."""
+    """Random values for the weights that are zero at initialisation (the memory's values, the gates), so the
+    memory and the chunk-index track contribute to the loss (at initialisation they contribute nothing, and the
+    write path gets no gradient)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for mem in model.memory:
             mem.inject.copy_(torch.randn(mem.inject.shape, generator=g))
+            mem.value.weight.copy_(0.3 * torch.randn(mem.value.weight.shape, generator=g))
             mem.gate_input.copy_(0.3 * torch.randn(mem.gate_input.shape, generator=g))
         model.chunk_gate.copy_(torch.randn(model.chunk_gate.shape, generator=g))
 
