@@ -6,5 +6,5 @@ from .model.carried_state import Boundary, CarriedState
 from .model.memory import MemoryModel, with_memory
 
 __version__ = "0.1.0"
-__all__ = ["Boundary", "CarriedState", "ExactRollout", "MemoryConfig", "MemoryModel", "RandomStreams", "Rollout", "RolloutResult", "StreamKey",
-           "chunked_forward_backward", "make_rollout", "with_memory", "__version__"]
+__all__ = ["Boundary", "CarriedState", "ExactRollout", "MemoryConfig", "MemoryModel", "RandomStreams", "Rollout",
+           "RolloutResult", "StreamKey", "chunked_forward_backward", "make_rollout", "with_memory", "__version__"]

@@ -208,6 +208,10 @@ class MemoryConfig:
     document's length."""
     write_dim: int = 128
     """Width of the keys by which each slot picks what to take from the previous chunk's hidden states."""
+    write_sharpness: float = 3.0
+    """Standard deviation of the slots' write scores at initialisation: how few of a chunk's tokens each slot
+    starts by taking in. Near 0 every slot starts as the chunk's mean, which dilutes a salient token by the chunk
+    length and kept the memory from learning in the evaluation (docs/memory_mode.md)."""
     chunk_buckets: int = 32
     """Log-spaced buckets of the learned chunk-index embedding: bucket 0 is chunk 0, bucket b chunks
     [2^(b-1), 2^b); chunks past the last bucket share it, so any document length works."""
@@ -235,6 +239,8 @@ class MemoryConfig:
             _positive(f"memory.{key}", getattr(self, key))
         if self.state_dtype not in STATE_DTYPES:
             raise ConfigError(f"memory.state_dtype={self.state_dtype!r} is not one of {STATE_DTYPES}")
+        if not isinstance(self.write_sharpness, (int, float)) or self.write_sharpness <= 0:
+            raise ConfigError(f"memory.write_sharpness={self.write_sharpness!r} must be a number > 0")
         if not isinstance(self.topic_damping, (int, float)) or self.topic_damping < 0:
             raise ConfigError(f"memory.topic_damping={self.topic_damping!r} must be a number >= 0 (0: no damping)")
         for key in ("lr", "weight_decay"):

@@ -331,7 +331,8 @@ class MemoryRollout(Rollout):
         return model.model.lm_head(hidden)
 
 
-def memory_forward_backward(model, input_ids: torch.Tensor, *, chunk_size: int | None, labels: torch.Tensor | None = None,
+def memory_forward_backward(model, input_ids: torch.Tensor, *, chunk_size: int | None,
+                            labels: torch.Tensor | None = None,
                             ablate_state: bool | None = None, bptt_chunks: int = 0, loss_weighting: str = "tokens",
                             importance: ImportanceWeights | None = None, spans=None, boundary_scores=None,
                             loss_normalizer: float | None = None, backward: BackwardFn | None = None,
