@@ -78,19 +78,32 @@ def _stage_input(adapter: CausalLMAdapter, ids: torch.Tensor) -> torch.Tensor:
                        requires_grad=torch.is_grad_enabled())
 
 
+class SavedBytes:
+    """Adds up the storage autograd keeps for backward inside ``with counter.hooks():`` (each storage once),
+    leaving out the tensors given (weights, carried state)."""
+
+    def __init__(self, skip):
+        self.skip = {t.untyped_storage().data_ptr() for t in skip}
+        self.saved: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.skip:
+            self.saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def per_token(self, tokens: int) -> int:
+        return -(-sum(self.saved.values()) // tokens)
+
+
 def _count_saved_bytes(adapter: CausalLMAdapter, probe_tokens: int, layers_only: bool) -> int:
     state = adapter.new_state(1, 2 * probe_tokens)
     state.allocate_grads()
     ids = torch.zeros((1, 2 * probe_tokens), dtype=torch.long, device=adapter.device)
-    skip = {t.untyped_storage().data_ptr() for t in [*state.keys, *state.values, *adapter.model.parameters()]}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
+    counter = SavedBytes([*state.keys, *state.values, *adapter.model.parameters()])
     kernel = ChunkKernel("math")  # the reference split kernel saves what the fused ones save
     with adapter.chunk_attention():
         with torch.no_grad():
@@ -99,13 +112,13 @@ def _count_saved_bytes(adapter: CausalLMAdapter, probe_tokens: int, layers_only:
         with torch.enable_grad():
             chunk_ids = ids[:, probe_tokens:]
             hidden = _stage_input(adapter, chunk_ids) if layers_only else None
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with counter.hooks():
                 if not layers_only:
                     hidden = _stage_input(adapter, chunk_ids)
                 hidden = adapter.forward_layers(hidden, probe_tokens, state, phase="recompute", kernel=kernel)
                 if not layers_only and adapter.has_head:
                     adapter.final_norm(hidden)
-    return -(-sum(saved.values()) // probe_tokens)
+    return counter.per_token(probe_tokens)
 
 
 def chunks_in_flight(adapter: CausalLMAdapter) -> int:

@@ -140,12 +140,6 @@ class MemoryState(CarriedState):
     grads_allocated = property(lambda self: True)
 
     @property
-    def boundary(self) -> Boundary:
-        if self.in_backward:
-            return Boundary("backward", self.backward_chunks, self.grad_end)
-        return Boundary("fill", self.fill_chunks, self.filled)
-
-    @property
     def nbytes(self) -> int:
         carries = [self.carry, *self.stored]
         return sum(s.numel() * s.element_size() for c in carries for s in c.slots)

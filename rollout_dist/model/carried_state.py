@@ -77,9 +77,12 @@ class CarriedState(ABC):
         """Whether ``allocate_grads`` ran (a backward pass can start)."""
 
     @property
-    @abstractmethod
     def boundary(self) -> Boundary:
-        """The chunk boundary this state stands at."""
+        """The chunk boundary this state stands at: in the backward phase the chunks run backward and the position
+        up to which what later chunks handed back is live, else the chunks filled and the tokens held."""
+        if self.in_backward:
+            return Boundary("backward", self.backward_chunks, self.grad_end)
+        return Boundary("fill", self.fill_chunks, self.filled)
 
     @property
     @abstractmethod

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .carried_state import LAYOUT_VERSION, Boundary, CarriedState
+from .carried_state import LAYOUT_VERSION, CarriedState
 
 
 class _CarriedKV(torch.autograd.Function):
@@ -106,12 +106,6 @@ class KVState(CarriedState):
     @property
     def batch(self) -> int:
         return self._layer_tensor("k", self.num_layers - 1).shape[0]
-
-    @property
-    def boundary(self) -> Boundary:
-        if self.in_backward:
-            return Boundary("backward", self.backward_chunks, self.grad_end)
-        return Boundary("fill", self.fill_chunks, self.filled)
 
     @property
     def grads_allocated(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..engine import Rollout
-from ..engine.budget import (GiB, PeakEstimate, activation_bytes_per_token, estimate_peak, fit_advice,
+from ..engine.budget import (GiB, PeakEstimate, SavedBytes, activation_bytes_per_token, estimate_peak, fit_advice,
                              fit_keep_tokens, logits_bytes_per_token, pending_gradient_bytes, pick_chunk_size)
 from ..model import CausalLMAdapter
 from ..model.offload import check_host_memory, host_bytes_needed, offloaded_layers
@@ -201,17 +201,10 @@ def memory_activation_bytes_per_token(model: torch.nn.Module, probe_tokens: int 
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ids = torch.zeros((1, probe_tokens), dtype=torch.long, device=device)
-        skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(t: torch.Tensor):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in skip:
-                saved[ptr] = t.untyped_storage().nbytes()
-            return t
+        counter = SavedBytes(model.parameters())
         with model.memory_attention():
             with torch.no_grad():
                 carry = model.run_chunk(ids, model.initial_carry(1, device)).carry
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.enable_grad(), counter.hooks():
                 model.run_chunk(ids, carry)
-    return -(-sum(saved.values()) // probe_tokens)
+    return counter.per_token(probe_tokens)
