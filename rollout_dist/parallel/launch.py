@@ -37,6 +37,8 @@ def init_distributed(device: torch.device) -> None:
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        _skip_shm_op()
     backend = "nccl" if device.type == "cuda" else "gloo"
     global _launched_by_mpi
     if "RANK" not in os.environ and any(v in os.environ for v in _MPI_RANK_VARS):
@@ -51,3 +53,18 @@ def init_distributed(device: torch.device) -> None:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def _skip_shm_op() -> None:
+    """Keeps DeepSpeed's CPU accelerator from building and loading its shared-memory all-reduce op when a CPU
+    process joins the group.  Only DeepSpeed's inference all-reduce uses that op (training's collectives go through
+    gloo), yet every process loads it, and the first one on a machine compiles it (a minute of C++, again whenever
+    another checkout or venv rebuilt the shared torch-extensions cache).  DeepSpeed builds it only where its table of
+    compatible ops (``deepspeed.ops.__compatible_ops__``, probed once per process and kept) says it can; marked not
+    compatible, it is left out and the inference all-reduce falls back to torch.distributed."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
