@@ -99,3 +99,44 @@ def mpirun_path() -> str | None:
     from pathlib import Path
     return shutil.which("mpirun", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
+
+
+class Started:
+    """A child process started now, its output in temporary files (nothing blocks on a pipe), so that launches
+    that do not depend on each other can run at once: a one-process run leaves a core idle, which another takes.
+    ``result`` waits for it as ``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` would:
+    a ``CompletedProcess``, or ``TimeoutExpired`` once the process is killed."""
+
+    def __init__(self, cmd: list[str], *, timeout: float, **popen):
+        import subprocess
+        import tempfile
+        import time
+        self.cmd, self.timeout, self.deadline = cmd, timeout, time.monotonic() + timeout
+        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, **popen)
+
+    def result(self):
+        import subprocess
+        import time
+        try:
+            self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise subprocess.TimeoutExpired(self.cmd, self.timeout) from None
+        out, err = (self._read(f) for f in (self._out, self._err))
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, out, err)
+
+    @staticmethod
+    def _read(f) -> str:
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+        f.close()
+        return text
+
+
+def selected_use(request, fixture: str) -> bool:
+    """Whether a test of ``request``'s module that this session runs uses ``fixture`` (so that a module fixture
+    starts together only the launches that the selected tests need)."""
+    return any(fixture in item.fixturenames for item in request.session.items
+               if getattr(item, "module", None) is request.module)

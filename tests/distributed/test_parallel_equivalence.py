@@ -6,13 +6,12 @@ gradient norm across stages and replicas is checked too.  Losses and final weigh
 """
 import json
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import child_env, launcher_command, mpirun_path
+from tests.helpers import Started, child_env, launcher_command, mpirun_path, selected_use
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
@@ -28,20 +27,49 @@ def docs(tmp_path_factory):
     return d
 
 
-def train(run_dir, docs, nproc, *overrides, launcher="torchrun"):
+def start(run_dir, docs, nproc, *overrides, launcher="torchrun") -> Started:
     common = [f"data.path={docs}", "model.num_layers=4", "rollout.chunk_size=48", "trainer.max_steps=2",
               "trainer.warmup_steps=0", "trainer.grad_clip=0.05", "trainer.device=cpu", "trainer.log_every=1",
               "trainer.tensorboard=false", f"checkpoint.dir={run_dir}"]
-    proc = subprocess.run([*launcher_command(nproc, launcher), str(TRAIN), *common, *overrides], cwd=run_dir.parent,
-                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    return Started([*launcher_command(nproc, launcher), str(TRAIN), *common, *overrides], cwd=run_dir.parent,
+                   env=child_env(OMP_NUM_THREADS="1"), timeout=600)
+
+
+def finish(run_dir, started: Started):
+    return outcome(run_dir, started.result())
+
+
+def outcome(run_dir, proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     return summary, load_file(run_dir / "final" / "model.safetensors"), proc.stdout + proc.stderr
 
 
+def train(run_dir, docs, nproc, *overrides, launcher="torchrun"):
+    return finish(run_dir, start(run_dir, docs, nproc, *overrides, launcher=launcher))
+
+
+# the one-process runs the layouts are compared with: each leaves a core idle, so those the selected tests need
+# are started together
+ONE_PROCESS = {
+    "reference": ["trainer.grad_accum=2"],
+    "reference_dropout": ["trainer.grad_accum=2", "model.attention_dropout=0.2"],
+    "unclipped": ["trainer.grad_accum=2", "trainer.grad_clip=0"],
+}
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, docs):
-    return train(tmp_path_factory.mktemp("ref") / "run", docs, 1, "trainer.grad_accum=2")
+def one_process(request, tmp_path_factory, docs):
+    wanted = [name for name in ONE_PROCESS if name == "reference" or selected_use(request, name)]
+    runs = {name: tmp_path_factory.mktemp(name) / "run" for name in wanted}
+    started = {name: start(runs[name], docs, 1, *ONE_PROCESS[name]) for name in wanted}
+    ended = {name: started[name].result() for name in wanted}  # all of them, before any check fails
+    return {name: outcome(runs[name], ended[name]) for name in wanted}
+
+
+@pytest.fixture(scope="module")
+def reference(one_process):
+    return one_process["reference"]
 
 
 @pytest.mark.parametrize("name,nproc,overrides", [
@@ -65,9 +93,13 @@ def test_parallel_layout_trains_like_one_process(tmp_path, docs, reference, name
 
 
 @pytest.fixture(scope="module")
-def reference_dropout(tmp_path_factory, docs):
-    return train(tmp_path_factory.mktemp("ref_dropout") / "run", docs, 1, "trainer.grad_accum=2",
-                 "model.attention_dropout=0.2")
+def reference_dropout(one_process):
+    return one_process["reference_dropout"]
+
+
+@pytest.fixture(scope="module")
+def unclipped(one_process):
+    return one_process["unclipped"]
 
 
 @pytest.mark.parametrize("name,nproc,overrides", [
@@ -106,10 +138,10 @@ def test_balanced_data_parallel_deals_every_document_once_per_epoch(tmp_path, do
     assert summary["tokens"] == ref_summary["tokens"]  # the reference's 2 steps x 2 documents also cover all 4
 
 
-def test_clipping_was_active(tmp_path, docs, reference):
+def test_clipping_was_active(reference, unclipped):
     """The equivalence above covers the global gradient norm only if clipping changed the update."""
     _, ref_weights, _ = reference
-    _, unclipped, _ = train(tmp_path / "noclip", docs, 1, "trainer.grad_accum=2", "trainer.grad_clip=0")
-    worst = max(((unclipped[k].double() - w.double()).norm() / w.double().norm()).item()
+    _, unclipped_weights, _ = unclipped
+    worst = max(((unclipped_weights[k].double() - w.double()).norm() / w.double().norm()).item()
                 for k, w in ref_weights.items())
     assert worst > 1e-4, worst
