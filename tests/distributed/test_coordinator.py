@@ -8,13 +8,12 @@ ends where a clean run ends.
 import json
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import child_env, launcher_command, mpirun_path
+from tests.helpers import Started, child_env, launcher_command, mpirun_path
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
@@ -31,13 +30,23 @@ def docs(tmp_path_factory):
     return d
 
 
-def train(run_dir, docs, nproc, *overrides, launcher="torchrun", steps=4, timeout=600):
+def start(run_dir, docs, nproc, *overrides, launcher="torchrun", steps=4, timeout=600) -> Started:
+    """A run started in the background (``finish`` waits for it): runs that do not depend on each other overlap."""
     common = [f"data.path={docs}", "model.num_layers=4", "rollout.chunk_size=24", f"trainer.max_steps={steps}",
               "trainer.warmup_steps=0", "trainer.device=cpu", "trainer.log_every=1", "trainer.tensorboard=false",
               f"checkpoint.dir={run_dir}", "data.balance=false"]
-    proc = subprocess.run([*launcher_command(nproc, launcher), str(TRAIN), *common, *overrides], cwd=run_dir.parent,
-                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Started([*launcher_command(nproc, launcher), str(TRAIN), *common, *overrides], cwd=run_dir.parent,
+                   env=child_env(OMP_NUM_THREADS="1"), timeout=timeout)
+
+
+def finish(started: Started):
+    proc = started.result()
     return proc, proc.stdout + proc.stderr
+
+
+def train(run_dir, docs, nproc, *overrides, launcher="torchrun", steps=4, timeout=600):
+    return finish(start(run_dir, docs, nproc, *overrides, launcher=launcher, steps=steps, timeout=timeout))
 
 
 def published(run_dir) -> list[int]:
@@ -78,14 +87,14 @@ def test_a_flipped_bit_is_caught_at_its_step_on_its_rank(tmp_path, docs, zero, k
 
 
 def test_a_flip_in_the_carried_state_is_caught_in_its_chunk_and_classified(tmp_path, docs):
-    proc, log = train(tmp_path / "transient", docs, 1, "fault.kind=state_bitflip", "fault.step=2", "fault.chunk=1",
-                      "fault.layer=2", "trainer.grad_accum=2")
-    found = halted(proc, log)
+    fault = ["fault.kind=state_bitflip", "fault.step=2", "fault.chunk=1", "fault.layer=2", "trainer.grad_accum=2"]
+    transient = start(tmp_path / "transient", docs, 1, *fault)  # one process each: the two share the cores
+    persistent = start(tmp_path / "persistent", docs, 1, *fault, "fault.persistent=true")
+    transient, persistent = finish(transient), finish(persistent)
+    found = halted(*transient)
     assert "step 2" in found and "chunk 1" in found and "layer 2" in found and "layer.2.key" in found, found
     assert "held by the carried state" in found and "transient" in found
-    proc, log = train(tmp_path / "persistent", docs, 1, "fault.kind=state_bitflip", "fault.step=2",
-                      "fault.chunk=1", "fault.layer=2", "fault.persistent=true", "trainer.grad_accum=2")
-    found = halted(proc, log)
+    found = halted(*persistent)
     assert "recomputed by the backward pass" in found and "persistent: a replay of the chunk repeats" in found
 
 
@@ -96,15 +105,17 @@ def test_a_corrupted_hidden_state_between_stages_is_caught(tmp_path, docs):
     assert "hidden.0->1@fill received by rank 1 (stage 1) differs from what rank 0 (stage 0) sent: step 2" in found
 
 
-def test_fifty_clean_steps_raise_no_alarm_at_zero_1(tmp_path, docs):
+def test_twenty_clean_steps_raise_no_alarm_at_zero_1(tmp_path, docs):
+    """Seven passes over the six documents (three steps each at dp=2), a snapshot every five steps."""
     run = tmp_path / "run"
-    proc, log = train(run, docs, 2, "trainer.zero_stage=1", "model.num_layers=2", "checkpoint.every=25", steps=50)
+    proc, log = train(run, docs, 2, "trainer.zero_stage=1", "model.num_layers=2", "checkpoint.every=5", steps=20)
     assert proc.returncode == 0, log[-4000:]
     assert "mismatch" not in log and "coordinator" in log
-    assert len(json.loads((run / "summary.json").read_text())["losses"]) == 50
-    # the ordered log lies with the snapshots: every step from the oldest kept version (keep=2: v25, v50) on
+    assert len(json.loads((run / "summary.json").read_text())["losses"]) == 20
+    # the ordered log lies with the snapshots: every step from the oldest kept version (keep=2: v15, v20; v5 and
+    # v10 were deleted, and the log before v15 with them) on
     logged = sorted(int(p.stem[1:]) for p in (run / "state.zarr" / "digests").glob("s*.rdd"))
-    assert logged == list(range(25, 51)), logged
+    assert logged == list(range(15, 21)), logged
 
 
 def test_a_killed_coordinator_stops_the_run_cleanly_under_halt(tmp_path, docs):
@@ -124,11 +135,12 @@ def test_a_stalled_coordinator_is_left_behind_under_warn(tmp_path, docs):
 
 
 def test_resync_rolls_back_and_ends_where_a_clean_run_ends(tmp_path, docs):
-    clean, log = train(tmp_path / "clean", docs, 2, "trainer.zero_stage=1", "checkpoint.every=1", steps=5)
-    assert clean.returncode == 0, log[-4000:]
-    proc, log = train(tmp_path / "resync", docs, 2, "trainer.zero_stage=1", "checkpoint.every=1",
-                      "fault.kind=param_bitflip", "fault.rank=1", "fault.step=3", "coordinator.on_mismatch=resync",
-                      steps=5)
+    clean = start(tmp_path / "clean", docs, 2, "trainer.zero_stage=1", "checkpoint.every=1", steps=5)
+    resync = start(tmp_path / "resync", docs, 2, "trainer.zero_stage=1", "checkpoint.every=1",
+                   "fault.kind=param_bitflip", "fault.rank=1", "fault.step=3", "coordinator.on_mismatch=resync",
+                   steps=5)
+    (clean, clean_log), (proc, log) = finish(clean), finish(resync)
+    assert clean.returncode == 0, clean_log[-4000:]
     assert proc.returncode == 0, log[-4000:]
     assert "resync: every rank rolled back to step 2" in log
     ref, ours = load_file(tmp_path / "clean" / "final" / "model.safetensors"), load_file(
