@@ -4,12 +4,14 @@ partitions they are, each stage's layers), and a resume from them equals the uni
 count, a collective mismatch in DeepSpeed's stage-2 gradient reduction; ZeRO-2's state is tested in one process.)
 
 Each case trains 4 steps with a snapshot after every step (all kept), then deletes the last two versions, as if
-the run had died after step 2, resumes from v000002 and compares the final weights with the first run's.
+the run had died after step 2, resumes from v000002 and compares the final weights with the first run's.  The
+uninterrupted dp=2 ZeRO-1 run is also the one that a resume with another layout is refused.
 """
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 
 from rollout_dist.checkpoint.store import SnapshotStore
 from tests.distributed.test_parallel_equivalence import TRAIN, docs  # noqa: F401 (fixture)
-from tests.helpers import child_env
+from tests.helpers import Started, child_env
 
 COMMON = ["model.num_layers=4", "rollout.chunk_size=48", "trainer.max_steps=4", "trainer.warmup_steps=0",
           "trainer.device=cpu", "trainer.tensorboard=false", "model.attention_dropout=0.1", "checkpoint.every=1",
@@ -34,14 +36,32 @@ def launch(run_dir, data, nproc, *overrides):
                           cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("name,overrides", [
-    ("dp2-zero1", ["parallel.dp=2", "trainer.zero_stage=1", "data.balance=false"]),
-    ("pp2", ["parallel.pp=2", "trainer.grad_accum=2"]),
-])
-def test_resume_of_a_multi_process_run_is_bit_identical(tmp_path, docs, name, overrides):  # noqa: F811
-    run = tmp_path / name
-    proc = launch(run, docs, 2, *overrides)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+LAYOUTS = {
+    "dp2-zero1": ["parallel.dp=2", "trainer.zero_stage=1", "data.balance=false"],
+    "pp2": ["parallel.pp=2", "trainer.grad_accum=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, docs):  # noqa: F811
+    """name -> the run directory of the layout's uninterrupted run (launched once, on first use; tests change
+    copies of it)."""
+    runs = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            run = tmp_path_factory.mktemp(name) / "run"
+            proc = launch(run, docs, 2, *LAYOUTS[name])
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            runs[name] = run
+        return runs[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_resume_of_a_multi_process_run_is_bit_identical(tmp_path, docs, uninterrupted, name):  # noqa: F811
+    overrides = LAYOUTS[name]
+    run = Path(shutil.copytree(uninterrupted(name), tmp_path / name))
     straight = load_file(run / "final" / "model.safetensors")
     store = SnapshotStore(str(run / "state.zarr"))
     versions = store.valid_versions()
@@ -56,15 +76,12 @@ def test_resume_of_a_multi_process_run_is_bit_identical(tmp_path, docs, name, ov
         parts = [manifest["ranks"][r]["arrays"]["optimizer/single_partition_of_fp32_groups/0"]["shape"]
                  for r in ("r00000", "r00001")]
         assert parts[0] == parts[1] and store.verify(versions[-1]) == []
-        # the weights are the replicas' fp32 masters, partitioned: export puts them back together
+        # the weights are the replicas' fp32 masters, partitioned: export puts them back together (from a copy
+        # of the store as it is now, while the resume below runs)
         out = tmp_path / "export"
-        proc = subprocess.run([sys.executable, "-m", "rollout_dist.checkpoint", "export", str(run / "state.zarr"),
-                               str(out)], env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        exported = load_file(out / "model.safetensors")
-        assert exported.keys() == straight.keys()
-        assert all(torch.equal(exported[k], straight[k]) for k in straight)
+        store_copy = shutil.copytree(run / "state.zarr", tmp_path / "exported.zarr")
+        export = Started([sys.executable, "-m", "rollout_dist.checkpoint", "export", str(store_copy), str(out)],
+                         env=child_env(OMP_NUM_THREADS="1"), timeout=300)
     else:  # each stage writes its own layers (under the stage's local names) and which global layers they are
         for r, first in (("r00000", 0), ("r00001", 2)):
             names = {k for k in manifest["ranks"][r]["arrays"] if k.startswith("module/model.layers.")}
@@ -75,6 +92,12 @@ def test_resume_of_a_multi_process_run_is_bit_identical(tmp_path, docs, name, ov
         store.delete(v.name)
     shutil.rmtree(run / "final")
     proc = launch(run, docs, 2, *overrides, "checkpoint.resume=latest")
+    if "trainer.zero_stage=1" in overrides:
+        exported_proc = export.result()
+        assert exported_proc.returncode == 0, exported_proc.stderr[-2000:]
+        exported = load_file(out / "model.safetensors")
+        assert exported.keys() == straight.keys()
+        assert all(torch.equal(exported[k], straight[k]) for k in straight)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "loaded snapshot v000002" in proc.stdout + proc.stderr
     resumed = load_file(run / "final" / "model.safetensors")
@@ -85,12 +108,11 @@ def test_resume_of_a_multi_process_run_is_bit_identical(tmp_path, docs, name, ov
     assert len(summary["losses"]) == 4
 
 
-def test_resume_with_another_layout_says_what_the_snapshot_was_written_with(tmp_path, docs):  # noqa: F811
-    run = tmp_path / "run"
-    proc = launch(run, docs, 2, "parallel.dp=2", "trainer.zero_stage=1", "data.balance=false", "trainer.max_steps=1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_resume_with_another_layout_says_what_the_snapshot_was_written_with(tmp_path, docs,  # noqa: F811
+                                                                             uninterrupted):
+    run = Path(shutil.copytree(uninterrupted("dp2-zero1"), tmp_path / "run"))  # dp=2, ZeRO 1: v000001..v000004
     proc = launch(run, docs, 1, "trainer.zero_stage=1", "data.balance=false", "checkpoint.resume=latest")
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert ("snapshot v000001 in " + str(run / "state.zarr") + " was written with parallel.pp=1, parallel.dp=2, "
+    assert ("snapshot v000004 in " + str(run / "state.zarr") + " was written with parallel.pp=1, parallel.dp=2, "
             "trainer.zero_stage=1 (2 processes); this run has parallel.pp=1, parallel.dp=1, trainer.zero_stage=1 "
             "(1 processes): resume with the same layout") in proc.stderr
