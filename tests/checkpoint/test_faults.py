@@ -343,15 +343,44 @@ def runner(tmp_path_factory):
     return path
 
 
+DAMAGES = ("flip", "truncate", "manifest")
+_damaged_resumes: dict = {}  # damage -> (attempt, run, array) started by ``reference``, waited for by ``damaged``
+
+
+def selected_damages(request) -> list[str]:
+    """The damages whose resumes the selected tests of this module look at."""
+    wanted = set()
+    for item in request.session.items:
+        if getattr(item, "module", None) is not request.module:
+            continue
+        if "manifest_damaged" in item.fixturenames:
+            wanted.add("manifest")
+        elif "damaged" in item.fixturenames:
+            wanted.add(item.callspec.params["damage"])
+    return [d for d in DAMAGES if d in wanted]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, docs):
-    """An uninterrupted one-process run: its run directory (v000004, v000005 kept) and final weights."""
+def reference(request, tmp_path_factory, docs):
+    """An uninterrupted one-process run: its run directory (v000004, v000005 kept) and final weights.  The resumes
+    of its damaged copies (section 2; one process each) start right after it, in the background, so that they run
+    while the kill tests' single processes leave a core idle; ``damaged`` waits for them."""
     work = tmp_path_factory.mktemp("reference")
     run = work / "run"
     a = Attempt(work, "reference", train_command(run, docs))
     assert a.wait() == 0, a.tail()
     assert valid_and_verified(run / "state.zarr") == ["v000004", "v000005"]
-    return run, weights(run)
+    ref = run, weights(run)
+    for damage in selected_damages(request):
+        _damaged_resumes[damage] = start_damaged(tmp_path_factory.mktemp(f"damaged-{damage}"), docs, ref, damage)
+
+    def stop_leftovers():  # a session that ends (or stops at a failure) before a damage test waited for its resume
+        for attempt, _, _ in _damaged_resumes.values():
+            if attempt.alive():
+                attempt.kill_all()
+        _damaged_resumes.clear()
+    request.addfinalizer(stop_leftovers)
+    return ref
 
 
 # ------------------------------------------------------------------------------------------------ 1. SIGKILL
@@ -409,15 +438,16 @@ def test_sigkill_at_chosen_instants_then_resume_is_bit_identical(tmp_path, docs,
 
 
 @pytest.mark.slow
-def test_dp2_one_rank_killed_launcher_ends_the_other_resume_is_bit_identical(tmp_path, docs, runner):
+def test_dp2_one_rank_killed_launcher_ends_the_other_resume_is_bit_identical(request, tmp_path, docs, runner):
     """dp=2 under torchrun: rank 1 is killed (1) stopped in the backward pass of its 3rd step (v000001
     committed), and (2) while its part of a later snapshot is not yet published (rank 0 then waits for it to
     commit the version).  Each time torchrun must end rank 0 and exit non-zero within a minute, leaving no process
     behind (nothing hangs); then the run resumes with both ranks and ends bit-identical to an uninterrupted dp=2
     run."""
     ref = tmp_path / "ref"
-    a = Attempt(tmp_path, "dp2-reference", train_command(ref, docs, nproc=2))
-    assert a.wait() == 0, a.tail()
+    # the uninterrupted run goes on in the background, while the attempts' killed and stopped ranks idle
+    uninterrupted = Attempt(tmp_path, "dp2-reference", train_command(ref, docs, nproc=2))
+    request.addfinalizer(lambda: uninterrupted.alive() and uninterrupted.kill_all())  # should the test fail early
     run, store = tmp_path / "run", tmp_path / "run" / "state.zarr"
     expect, kills, ends = None, [], []
     for i, fault in enumerate(["backward", "write", None]):
@@ -447,6 +477,7 @@ def test_dp2_one_rank_killed_launcher_ends_the_other_resume_is_bit_identical(tmp
             assert loaded_version(a.text()) == expect, a.tail()
     assert expect is not None, "the last resume started from scratch: no snapshot survived the kills"
     print("rank 1 killed:", "; ".join(kills), "| torchrun ended rank 0 within (s):", ends, "| resumed from", expect)
+    assert uninterrupted.wait() == 0, uninterrupted.tail()
     assert_bit_identical(weights(run), weights(ref), f"dp=2, rank 1 killed {kills}")
 
 
@@ -466,8 +497,9 @@ def flip(path: Path, offset: int, count: int = 1) -> None:
     path.write_bytes(bytes(data))
 
 
-def resume_damaged(work: Path, docs: Path, reference, damage: str):
-    """A copy of the reference run whose newest version (v000005) is damaged, resumed to the end."""
+def start_damaged(work: Path, docs: Path, reference, damage: str):
+    """A copy of the reference run whose newest version (v000005) is damaged, its resume to the end started:
+    (attempt, run directory, damaged array)."""
     run = work / "run"
     shutil.copytree(reference[0], run)
     shutil.rmtree(run / "final")
@@ -483,16 +515,27 @@ def resume_damaged(work: Path, docs: Path, reference, damage: str):
         else:
             os.truncate(path, path.stat().st_size // 2)
     a = Attempt(work, f"resume-{damage}", train_command(run, docs, "checkpoint.resume=latest"))
-    code = a.wait()
-    return a, code, run, array
+    return a, run, array
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, docs, reference):
+    """damage -> (attempt, exit status, run directory, damaged array) of the resume of a damaged copy."""
+    def get(damage: str):
+        if damage not in _damaged_resumes:  # not started with the reference (not selected then)
+            _damaged_resumes[damage] = start_damaged(tmp_path_factory.mktemp(f"damaged-{damage}"), docs, reference,
+                                                     damage)
+        a, run, array = _damaged_resumes[damage]
+        return a, a.wait(), run, array
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_damaged_chunk_is_named_and_the_resume_falls_back(tmp_path, docs, reference, damage):
+def test_damaged_chunk_is_named_and_the_resume_falls_back(damaged, reference, damage):
     """Four bytes flipped in, or the second half cut off, a chunk file of the newest version: the resume says
     which version and which array, loads the one before, and the run ends bit-identical."""
-    a, code, run, array = resume_damaged(tmp_path, docs, reference, damage)
+    a, code, run, array = damaged(damage)
     assert code == 0, a.tail()
     log = (run / "train.log").read_text()
     store = run / "state.zarr"
@@ -507,8 +550,8 @@ def test_damaged_chunk_is_named_and_the_resume_falls_back(tmp_path, docs, refere
 
 
 @pytest.fixture(scope="module")
-def manifest_damaged(tmp_path_factory, docs, reference):
-    return resume_damaged(tmp_path_factory.mktemp("manifest"), docs, reference, "manifest")
+def manifest_damaged(damaged):
+    return damaged("manifest")
 
 
 @pytest.mark.slow
