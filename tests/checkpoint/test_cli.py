@@ -31,10 +31,6 @@ def clis(*argvs) -> list[subprocess.CompletedProcess]:
     return done
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return clis(args)[0]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(store, the trained weights at the end): two steps, a snapshot after each; the manifests record the
@@ -51,9 +47,14 @@ def copy_of(store: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(store, tmp_path / "state.zarr"))
 
 
-def test_list_shows_every_version_valid_with_step_size_and_layout(run):
-    store, _ = run
-    proc = cli("list", store)
+@pytest.fixture(scope="module")
+def listed(run):
+    """``list`` and ``list --json`` of the run's store, run together."""
+    return clis(("list", run[0]), ("list", run[0], "--json"))
+
+
+def test_list_shows_every_version_valid_with_step_size_and_layout(listed):
+    proc = listed[0]
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["v000001", "v000002"]
@@ -62,9 +63,8 @@ def test_list_shows_every_version_valid_with_step_size_and_layout(run):
         assert " MB" in line or " KB" in line
 
 
-def test_list_json_is_for_scripts(run):
-    store, _ = run
-    proc = cli("list", store, "--json")
+def test_list_json_is_for_scripts(listed):
+    proc = listed[1]
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert [(r["version"], r["step"], r["status"]) for r in rows] == [("v000001", 1, "valid"), ("v000002", 2, "valid")]
@@ -72,21 +72,20 @@ def test_list_json_is_for_scripts(run):
 
 
 def test_verify_names_the_array_whose_bytes_were_flipped_and_list_reads_only_manifests(run, tmp_path):
+    intact = Path(shutil.copytree(run[0], tmp_path / "intact.zarr"))
     store = copy_of(run[0], tmp_path)
-    proc = cli("verify", store)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == ["v000001", "v000002"]
-    assert all(": ok (" in line for line in proc.stdout.splitlines())
-
     chunk = sorted((store / "v000002" / ARRAY / "c").rglob("*"))[-1]
     assert chunk.is_file()
     data = bytearray(chunk.read_bytes())
     data[:8] = bytes(b ^ 0xFF for b in data[:8])
     chunk.write_bytes(bytes(data))
 
-    every, one, listed, exported = clis(
-        ("verify", store), ("verify", store, "--version", "1"), ("list", store),
+    proc, every, one, listed, exported = clis(  # the intact copy and the damaged one, all at once
+        ("verify", intact), ("verify", store), ("verify", store, "--version", "1"), ("list", store),
         ("export", store, tmp_path / "out", "--version", "v000002"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == ["v000001", "v000002"]
+    assert all(": ok (" in line for line in proc.stdout.splitlines())
     assert every.returncode == 1, every.stdout + every.stderr
     assert "v000001: ok" in every.stdout and "v000002: damaged" in every.stdout
     assert f"array {ARRAY}: checksum" in every.stdout and "differs from the manifest's" in every.stdout
@@ -166,11 +165,9 @@ def test_export_joins_the_pipeline_stages_into_the_model_the_run_saved(tmp_path)
     proc = subprocess.run(cmd, cwd=tmp_path, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    store = run_dir / "state.zarr"
-    listed = json.loads(cli("list", store, "--json").stdout)
-    assert [(r["version"], r["layout"]["pp"]) for r in listed] == [("v000001", 2)]
-    out = tmp_path / "exported"
-    proc = cli("export", store, out)
+    store, out = run_dir / "state.zarr", tmp_path / "exported"
+    listed, proc = clis(("list", store, "--json"), ("export", store, out))
+    assert [(r["version"], r["layout"]["pp"]) for r in json.loads(listed.stdout)] == [("v000001", 2)]
     assert proc.returncode == 0 and "2 pipeline stages joined" in proc.stdout, proc.stderr
     saved = load_file(run_dir / "final" / "model.safetensors")  # the run gathered its stages on rank 0
     exported = load_file(out / "model.safetensors")
