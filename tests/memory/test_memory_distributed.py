@@ -68,9 +68,15 @@ def test_data_parallel_memory_mode_trains_like_one_process(tmp_path, docs):
         assert abs(ours - ref) <= 1e-6 * abs(ref), (summary["losses"], ref_summary["losses"])
     assert summary["tokens"] == ref_summary["tokens"]
     assert weights.keys() == ref_weights.keys() and any(k.startswith("memory:") for k in weights)
+    # float32 sums in another order: all weights together agree to 1e-6; a tensor alone to 1e-4, as parameters
+    # that start at zero (decay rates, the memory's values) hold only their updates, whose gradients cancel in
+    # sums that reduce in another order across replicas (1.3e-5 seen on one of them)
+    num = sum(((weights[k].double() - ref.double()) ** 2).sum() for k, ref in ref_weights.items())
+    den = sum((ref.double() ** 2).sum() for ref in ref_weights.values())
+    assert (num / den).sqrt().item() <= 1e-6
     for key, ref in ref_weights.items():
         err = ((weights[key].double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-        assert err <= 1e-5, f"{key} differs by {err:.2e}"
+        assert err <= 1e-4, f"{key} differs by {err:.2e}"
     # the memory learned: its values (zero at initialisation) moved, so later steps read the state
     assert ref_weights["memory:memory.0.value.weight"].abs().max() > 0
     # every replica's chunk records, on rank 0: the same chunks and weights as one process

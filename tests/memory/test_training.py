@@ -122,10 +122,15 @@ def test_zero_stages_give_the_same_update_as_stage_0(tmp_path):
         liven(trainer.model)
         trainer.fit()
         results[stage] = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    # float32 sums in another order (ZeRO's flat partitions): all parameters together agree to 1e-7; a tensor
+    # alone to 1e-5, as parameters that start at zero hold only their updates (3.7e-6 seen on one of them)
     for stage in (1, 2):
+        num = sum(((results[stage][n].double() - p.double()) ** 2).sum() for n, p in results[0].items())
+        den = sum((p.double() ** 2).sum() for p in results[0].values())
+        assert (num / den).sqrt().item() <= 1e-7, stage
         worst = max(((results[stage][n] - p).norm() / p.norm().clamp_min(1e-12)).item()
                     for n, p in results[0].items())
-        assert worst <= 1e-6, (stage, worst)
+        assert worst <= 1e-5, (stage, worst)
 
 
 def test_memory_lr_zero_is_the_model_lr(tmp_path):
