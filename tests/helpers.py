@@ -140,3 +140,15 @@ def selected_use(request, fixture: str) -> bool:
     starts together only the launches that the selected tests need)."""
     return any(fixture in item.fixturenames for item in request.session.items
                if getattr(item, "module", None) is request.module)
+
+
+def write_word_docs(directory, words: list[str], lengths=(37, 50, 41, 29), seed: int = 0):
+    """Small text documents ``d0.txt``, ``d1.txt``, ... of random ``words`` (``lengths`` words each): the data of
+    the multi-process training tests."""
+    import random
+
+    rng = random.Random(seed)
+    for i, n in enumerate(lengths):
+        (directory / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(n)))
+    return directory
+

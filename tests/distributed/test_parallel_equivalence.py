@@ -5,13 +5,12 @@ grad_accum=2; dp=2: one document per replica).  Gradient clipping is set low eno
 gradient norm across stages and replicas is checked too.  Losses and final weights are compared in float32.
 """
 import json
-import random
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import Started, child_env, launcher_command, mpirun_path, selected_use
+from tests.helpers import Started, child_env, launcher_command, mpirun_path, selected_use, write_word_docs
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
@@ -20,11 +19,7 @@ WORDS = "the of chunk rollout model layer state pipeline gradient token memory d
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("docs")
-    rng = random.Random(0)
-    for i, n in enumerate([37, 50, 41, 29]):
-        (d / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(n)))
-    return d
+    return write_word_docs(tmp_path_factory.mktemp("docs"), WORDS)
 
 
 def start(run_dir, docs, nproc, *overrides, launcher="torchrun") -> Started:

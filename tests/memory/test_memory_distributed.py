@@ -9,7 +9,6 @@ weights and the memory's weights are compared in float32, and the per-chunk reco
 chunks.jsonl.
 """
 import json
-import random
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from tests.helpers import child_env, launcher_command
+from tests.helpers import child_env, launcher_command, write_word_docs
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
@@ -26,11 +25,7 @@ WORDS = "the of chunk rollout model layer state memory gradient token slot docum
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("docs")
-    rng = random.Random(0)
-    for i, n in enumerate([37, 50, 41, 29]):
-        (d / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(n)))
-    return d
+    return write_word_docs(tmp_path_factory.mktemp("docs"), WORDS)
 
 
 def common(run_dir, docs) -> list[str]:
