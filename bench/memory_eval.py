@@ -128,6 +128,10 @@ def train(variant: str, args, device, log) -> tuple[torch.nn.Module, dict]:
     base_lrs = [g["lr"] for g in groups]  # torch keeps the group dicts themselves as param_groups
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=device.type == "cuda")
     task = Task(corpus_bytes("train"), args.chunk, args.chunks, seed=args.seed)
+    if variant != "exact" and args.gate_std:
+        with torch.no_grad():
+            for mem in model.memory:  # selective writes from the start: dt depends on what the slot pooled
+                mem.gate_input.normal_(std=args.gate_std * mem.gate_input.numel() ** -0.5)
     ablate = variant == "local"
     model.train()
     t0, history = time.perf_counter(), []
@@ -137,7 +141,11 @@ def train(variant: str, args, device, log) -> tuple[torch.nn.Module, dict]:
         if step == 5:
             t5 = time.perf_counter()
         if step == 25 and args.max_seconds:  # fit the budget: every variant then trains this many steps
-            fit = int(args.max_seconds / ((time.perf_counter() - t5) / 20))
+            # a step costs about as much as its document's chunks (launch-bound): scale the measured steps' cost to
+            # the mean length over the schedule
+            per_chunk = (time.perf_counter() - t5) / 20 / task.chunks
+            mean_chunks = sum(curriculum_chunks(args, s) for s in range(args.steps)) / args.steps
+            fit = int(args.max_seconds / (per_chunk * mean_chunks))
             if fit < args.steps:
                 log(f"  {variant}: {args.steps} steps would exceed --max-seconds={args.max_seconds}; {fit} steps")
                 args.steps = fit
@@ -145,7 +153,8 @@ def train(variant: str, args, device, log) -> tuple[torch.nn.Module, dict]:
         scale = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g, base_lr in zip(opt.param_groups, base_lrs):
             g["lr"] = base_lr * max(scale, 0.05)
-        ids, answer, _ = batch(task, args.batch, args.train_ks, device)
+        task.chunks = curriculum_chunks(args, step)
+        ids, answer, _ = batch(task, args.batch, tuple(k for k in args.train_ks if k < task.chunks), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if args.chunked and variant != "exact":
                 loss = chunked_step(model, ids, answer, args, ablate)
@@ -165,6 +174,17 @@ def train(variant: str, args, device, log) -> tuple[torch.nn.Module, dict]:
         gates = [float(m.inject.abs().mean()) for m in model.memory]
     return model, {"train_seconds": round(seconds, 1), "steps": step,
                    "loss_history": history, "inject_gate_mean_abs": gates}
+
+
+def curriculum_chunks(args, step: int) -> int:
+    """The training documents' length in chunks at ``step``: the ``--curriculum`` lengths, each for an equal share
+    of the first ``--curriculum-frac`` of the steps, then ``--chunks`` (ARMT's and RMT's segment curriculum)."""
+    stages = [n for n in args.curriculum if n < args.chunks]
+    if not stages:
+        return args.chunks
+    share = args.curriculum_frac * args.steps / len(stages)
+    i = int(step // share) if share > 0 else len(stages)
+    return stages[i] if i < len(stages) else args.chunks
 
 
 def chunked_step(model, ids, answer, args, ablate) -> torch.Tensor:
@@ -236,6 +256,12 @@ def main() -> None:
     p.add_argument("--text-chunks", type=int, default=16)
     p.add_argument("--text-docs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curriculum", default="",
+                   help="document lengths in chunks before --chunks, e.g. 2,3,5: each trains an equal share of the "
+                        "first --curriculum-frac of the steps (every variant sees the same documents)")
+    p.add_argument("--curriculum-frac", type=float, default=0.5)
+    p.add_argument("--gate-std", type=float, default=0.0,
+                   help="initial spread of the write gate's input weights (0: as the library initialises them)")
     p.add_argument("--max-seconds", type=float, default=0,
                    help="fit the first variant's training into this long (its speed measured over steps 5-25); "
                         "every variant then trains that many steps")
@@ -246,6 +272,7 @@ def main() -> None:
         args.layers, args.width, args.chunk, args.chunks, args.steps, args.batch = 2, 64, 48, 4, 6, 4
         args.eval, args.eval_batch, args.text_chunks, args.text_docs, args.train_ks = 8, 8, 3, 2, "1,2"
     args.train_ks = tuple(int(k) for k in args.train_ks.split(","))
+    args.curriculum = tuple(int(n) for n in args.curriculum.split(",") if n)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ks = tuple(k for k in KS if k < args.chunks)
     out = Path(os.environ.get("OUT", "/tmp/out"))
