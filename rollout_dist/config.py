@@ -510,10 +510,6 @@ class TrainConfig:
     def _check_memory_mode(self) -> None:
         """What memory mode (``rollout.mode=memory``) does not run, refused with the key to change."""
         ro = self.rollout
-        if self.parallel.pp > 1:
-            raise ConfigError(f"rollout.mode=memory runs on one pipeline stage: parallel.pp={self.parallel.pp} is "
-                              "not supported (the memory's per-layer state would cross stages every chunk); set "
-                              "parallel.pp=1 and spread documents over data-parallel replicas (parallel.dp)")
         if ro.chunk_size == 0 and self.data.chunk_index is None:
             raise ConfigError("rollout.chunk_size=0 sizes chunks from GPU memory, but in rollout.mode=memory the chunk "
                               "size is part of the model (one memory update per chunk) and memory does not grow "
@@ -530,7 +526,7 @@ class TrainConfig:
                               "attention plus the memory read): set rollout.attention=auto or sdpa")
         if self.fault.kind in ("state_bitflip", "p2p_corrupt"):
             raise ConfigError(f"fault.kind={self.fault.kind} tests the chunk K/V (or pipeline) checks, which "
-                              "rollout.mode=memory does not have (it carries no K/V and runs one stage): use "
+                              "rollout.mode=memory does not have (it carries no K/V, and skips the chunk checks): use "
                               "param_bitflip, optimizer_bitflip or a coordinator fault")
 
 

@@ -1,5 +1,5 @@
 """One place where a rollout is picked from the config: exact on one process, one pipeline stage's part, or
-memory mode's."""
+memory mode's (on one process or one pipeline stage)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -15,9 +15,10 @@ def make_rollout(rollout_cfg, layout=None, *, chunk_size: int | None = None, mem
                  tokenizer=None) -> Rollout:
     """The ``Rollout`` for ``rollout_cfg`` (a ``RolloutConfig``): ``ExactRollout`` on one process, with a
     ``RankLayout`` of more than one pipeline stage the ``PipelineRollout`` of this rank's stage, or for
-    ``rollout.mode=memory`` the ``MemoryRollout`` (``memory``: the ``MemoryConfig``, for ``ablate``;
-    ``tokenizer``: the run's, which turns ``rollout.importance_keywords`` into token ids).  ``chunk_size``
-    overrides the config's (0 there means "pick from memory", decided later)."""
+    ``rollout.mode=memory`` the ``MemoryRollout`` (with stages: this stage's ``PipelineMemoryRollout``;
+    ``memory``: the ``MemoryConfig``, for ``ablate``; ``tokenizer``: the run's, which turns
+    ``rollout.importance_keywords`` into token ids).  ``chunk_size`` overrides the config's (0 there means "pick
+    from memory", decided later)."""
     chunk = chunk_size or rollout_cfg.chunk_size or CPU_AUTO_CHUNK
     if rollout_cfg.mode == "memory":
         return _memory_rollout(rollout_cfg, layout, chunk, memory, tokenizer)
@@ -38,8 +39,6 @@ def _memory_rollout(rollout_cfg, layout, chunk: int, memory, tokenizer) -> Rollo
     from .memory import MemoryRollout
     from .weighting import ImportanceWeights
 
-    if layout is not None and layout.pp > 1:
-        raise ValueError(f"rollout.mode=memory runs on one pipeline stage, not parallel.pp={layout.pp}")
     importance = None
     if rollout_cfg.loss_weighting == "importance":
         keywords = rollout_cfg.importance_keywords
@@ -49,9 +48,13 @@ def _memory_rollout(rollout_cfg, layout, chunk: int, memory, tokenizer) -> Rollo
                                        shift=float(rollout_cfg.importance_shift),
                                        loss=float(rollout_cfg.importance_loss),
                                        keywords=keyword_tokens(keywords, tokenizer) if keywords else ())
-    return MemoryRollout(chunk, bptt_chunks=rollout_cfg.bptt_chunks, loss_weighting=rollout_cfg.loss_weighting,
-                         ablate=bool(memory.ablate) if memory is not None else False, importance=importance,
-                         vocab_tile=rollout_cfg.vocab_tile)
+    common = dict(bptt_chunks=rollout_cfg.bptt_chunks, loss_weighting=rollout_cfg.loss_weighting,
+                  ablate=bool(memory.ablate) if memory is not None else False, importance=importance,
+                  vocab_tile=rollout_cfg.vocab_tile)
+    if layout is not None and layout.pp > 1:
+        from ..parallel.memory_pipeline import PipelineMemoryRollout  # parallel builds on engine
+        return PipelineMemoryRollout(chunk, layout, **common)
+    return MemoryRollout(chunk, **common)
 
 
 def keyword_tokens(keywords: Sequence[str], tokenizer) -> tuple[tuple[int, ...], ...]:

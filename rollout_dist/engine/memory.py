@@ -123,12 +123,14 @@ class MemoryState(CarriedState):
 
     ``state_dict`` (canonical layout, version 1): version, phase, chunks, position, layers (n,), stream (3,),
     ``layer.{L}.slots`` (B, m, hidden) in the state dtype, ``topic`` (B, hidden) float32 (absent before the first
-    chunk).  Only the fill phase is saved: a training rollout's backward phase is not snapshotted (memory mode
-    has no chunk snapshots; a resume restarts the document, whose state is small)."""
+    chunk).  A pipeline stage's state holds its own layers under their global indices L (``layers`` lists them),
+    and the topic on the first stage only (rollout_dist.parallel.memory_pipeline).  Only the fill phase is saved:
+    a training rollout's backward phase is not snapshotted (memory mode has no chunk snapshots; a resume restarts
+    the document, whose state is small)."""
 
     def __init__(self, model, batch: int, capacity: int):
         self._batch, self._capacity = batch, capacity
-        self.num_layers = model.adapter.num_layers
+        self.num_layers, self.layer_offset = model.adapter.num_layers, model.adapter.layer_offset
         self.carry = model.initial_carry(batch)
         self.stored: list = []
         self.filled, self.fill_chunks, self.backward_chunks, self.in_backward, self.grad_end = 0, 0, 0, False, 0
@@ -153,10 +155,10 @@ class MemoryState(CarriedState):
                                       "after fill); its backward phase is not snapshotted")
         out = {"version": torch.tensor(LAYOUT_VERSION), "phase": torch.tensor(0),
                "chunks": torch.tensor(self.fill_chunks), "position": torch.tensor(self.filled),
-               "layers": torch.arange(self.num_layers),
+               "layers": torch.arange(self.layer_offset, self.layer_offset + self.num_layers),
                "stream": torch.tensor(list(self.stream_key or (0, 0, 0)), dtype=torch.int64)}
         for i, s in enumerate(self.carry.slots):
-            out[f"layer.{i}.slots"] = s.detach().cpu().clone()
+            out[f"layer.{self.layer_offset + i}.slots"] = s.detach().cpu().clone()
         if self.carry.topic is not None:
             out["topic"] = self.carry.topic.detach().cpu().clone()
         return out
@@ -168,9 +170,13 @@ class MemoryState(CarriedState):
             raise ValueError("only a fill-phase memory state can be loaded")
         slots = []
         for i, s in enumerate(self.carry.slots):
-            got = state[f"layer.{i}.slots"]
+            name = f"layer.{self.layer_offset + i}.slots"
+            if name not in state:
+                raise ValueError(f"the memory state holds no {name}: it was saved by another pipeline stage "
+                                 f"(layers {state['layers'].tolist()})")
+            got = state[name]
             if got.shape != s.shape:
-                raise ValueError(f"layer.{i}.slots has shape {tuple(got.shape)}; this state holds {tuple(s.shape)}")
+                raise ValueError(f"{name} has shape {tuple(got.shape)}; this state holds {tuple(s.shape)}")
             slots.append(got.to(device=s.device, dtype=s.dtype))
         topic = state.get("topic")
         device = self.carry.slots[0].device

@@ -206,15 +206,16 @@ class MemoryModel(nn.Module):
 
     is_memory_model = True
 
-    def __init__(self, model: nn.Module, config: MemoryConfig | None = None):
+    def __init__(self, model: nn.Module, config: MemoryConfig | None = None, device: torch.device | str | None = None):
         super().__init__()
         self.memory_config = config or MemoryConfig()
         self.model = model
         ad = CausalLMAdapter(model)
-        if ad.stage is not None:
-            raise ValueError("with_memory takes a whole model; memory mode does not run pipeline stages yet")
         cfg = self.memory_config
-        dtype, device = ad.dtype, ad.device
+        dtype = ad.dtype
+        # a model still on the meta device (a pipeline stage's, before it is trimmed and placed) gets its memory on
+        # ``device``: created in the order and from the generator one process holding the whole model uses
+        device = torch.device(device) if device is not None else ad.device
         heads = model.config.num_attention_heads
         with torch.device(device):
             self.memory = nn.ModuleList(LayerMemory(ad.hidden_size, cfg.slots, cfg.write_dim, ad.kv_heads,
@@ -226,6 +227,30 @@ class MemoryModel(nn.Module):
         self.memory.to(dtype)
         self.chunk_index.to(dtype)
         self.chunk_gate.data = self.chunk_gate.data.to(dtype)
+        if ad.stage is not None:  # a model already trimmed to a stage: the document track lives on the first
+            self._drop_document_track(ad.stage)
+
+    def trim_to_stage(self, stage: int, counts: list[int]):
+        """Keeps only pipeline stage ``stage``'s part (in place; rollout_dist.model.stage): its HF layers, their
+        memory, and on the first stage the chunk-index track (it is added to the embeddings).  Returns the
+        ``StageInfo``.  Parameter names stay local; ``rollout_stage`` maps them to the whole model's
+        (``stage_state_dict``, ``memory_state_dict``)."""
+        from .stage import trim_to_stage
+
+        info = trim_to_stage(self.model, stage, counts)
+        self.memory = nn.ModuleList(list(self.memory)[info.first_layer:info.first_layer + info.num_layers])
+        self._drop_document_track(info)
+        return info
+
+    def _drop_document_track(self, info) -> None:
+        if not info.is_first:
+            self.chunk_index = None
+            self.chunk_gate = None
+
+    @property
+    def rollout_stage(self):
+        """The ``StageInfo`` of the pipeline stage this model was trimmed to, else None."""
+        return getattr(self.model, "rollout_stage", None)
 
     # ---- pieces -------------------------------------------------------------------------------------------------
     @property
@@ -247,7 +272,8 @@ class MemoryModel(nn.Module):
     def memory_parameters(self) -> list[nn.Parameter]:
         """The parameters memory mode adds (gates, decays, projections, chunk-index track): their own optimizer
         group."""
-        return [*self.memory.parameters(), *self.chunk_index.parameters(), self.chunk_gate]
+        track = [] if self.chunk_index is None else [*self.chunk_index.parameters(), self.chunk_gate]
+        return [*self.memory.parameters(), *track]
 
     def initial_carry(self, batch: int, device=None) -> MemoryCarry:
         """The state before a document's first chunk: zero slots (they read as nothing)."""
@@ -272,7 +298,19 @@ class MemoryModel(nn.Module):
         """One chunk (B, c) reading ``carry``: its final hidden states and the carry after it.  ``ablate_state``
         reads zero slots (the memory contributes nothing).  ``layer_scope(layer)`` is entered around each layer
         (the rollout's random stream, so a recompute draws the dropout masks of the first run).  Call inside
-        ``memory_attention()``."""
+        ``memory_attention()``.  The whole model's chunk: ``embed_chunk``, ``run_layers`` and the final norm,
+        which a pipeline stage runs its share of."""
+        hidden, topic, shift = self.embed_chunk(input_ids, carry)
+        hidden, slots, damping = self.run_layers(hidden, carry.slots, shift, first=carry.topic is None,
+                                                 ablate_state=ablate_state, layer_scope=layer_scope)
+        damp = torch.stack(damping).mean(0) if damping else torch.ones_like(shift)
+        return ChunkOutput(self.adapter.final_norm(hidden), MemoryCarry(slots, topic, carry.index + 1), shift, damp)
+
+    def embed_chunk(self, input_ids: torch.Tensor, carry: MemoryCarry) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+        """The first stage's part of a chunk (B, c): the hidden states entering the first decoder layer (token
+        embeddings plus the gated chunk-index embedding of ``carry.index``), the chunk's topic vector (B, H)
+        float32 and its topic shift (B,) from ``carry.topic`` (0 on the first chunk)."""
         ad = self.adapter
         emb = ad.embed(input_ids)
         topic = emb.detach().to(torch.float32).mean(dim=1)
@@ -282,24 +320,33 @@ class MemoryModel(nn.Module):
             shift = 1 - F.cosine_similarity(topic, carry.topic.to(topic.dtype), dim=-1)
         bucket = chunk_bucket(carry.index, self.memory_config.chunk_buckets)
         hidden = emb + self.chunk_gate * self.chunk_index.weight[bucket]  # a Python index: no host-to-device copy
-        positions = torch.arange(input_ids.shape[1], device=emb.device)[None].expand(input_ids.shape[0], -1)
+        return hidden, topic, shift
+
+    def run_layers(self, hidden: torch.Tensor, slots: Sequence[torch.Tensor], shift: torch.Tensor, *, first: bool,
+                   ablate_state: bool = False, layer_scope: Callable[[int], ContextManager] | None = None
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        """This model's (or stage's) decoder layers on a chunk's hidden states (B, c, H), each reading and then
+        writing its slots: (hidden states after the last of them, before any final norm; the new slots; each
+        layer's damping exp(-beta_L * shift) (B,), none on the ``first`` chunk, which reads nothing).
+        ``shift`` is the chunk's topic shift (the first stage's ``embed_chunk``); ``layer_scope`` gets global
+        layer indices."""
+        ad = self.adapter
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
         cos, sin = ad.decoder.rotary_emb(hidden, positions)
-        first = carry.topic is None
         new_slots, damping = [], []
         for i, (layer, mem) in enumerate(zip(ad.layers, self.memory)):
-            slots = torch.zeros_like(carry.slots[i]) if ablate_state else carry.slots[i]
+            state = torch.zeros_like(slots[i]) if ablate_state else slots[i]
             if first:
                 read = MemoryRead(None, None, None, cos, sin)
             else:
-                read = mem.read(slots, shift, hidden.dtype, cos, sin)
+                read = mem.read(state, shift, hidden.dtype, cos, sin)
                 damping.append(torch.exp(-F.softplus(mem.topic_strength.detach().float()) * shift))
-            with layer_scope(i) if layer_scope is not None else nullcontext():
+            with layer_scope(ad.layer_offset + i) if layer_scope is not None else nullcontext():
                 out = layer(hidden, attention_mask=read, position_ids=positions, position_embeddings=(cos, sin),
                             use_cache=False)
             hidden = out[0] if isinstance(out, tuple) else out
-            new_slots.append(mem.write(slots, hidden))
-        damp = torch.stack(damping).mean(0) if damping else torch.ones_like(shift)
-        return ChunkOutput(ad.final_norm(hidden), MemoryCarry(tuple(new_slots), topic, carry.index + 1), shift, damp)
+            new_slots.append(mem.write(state, hidden))
+        return hidden, tuple(new_slots), damping
 
     # ---- the reference: every chunk in one autograd graph ---------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, chunk_size: int | None = None, labels: torch.Tensor | None = None, *,
@@ -342,14 +389,22 @@ class MemoryModel(nn.Module):
 
     # ---- saving -------------------------------------------------------------------------------------------------
     def memory_state_dict(self) -> dict[str, torch.Tensor]:
-        own = {id(p) for p in self.model.parameters()}
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.") and id(v) not in own}
+        """The memory's tensors (not the HF model's), under the whole model's names: a pipeline stage's layer
+        indices made global, so the stages' dicts together are one process's."""
+        from .stage import global_name
+
+        own, info = {id(p) for p in self.model.parameters()}, self.rollout_stage
+        return {global_name(k, info): v for k, v in self.state_dict().items()
+                if not k.startswith("model.") and id(v) not in own}
 
     def save_pretrained(self, directory, **kwargs) -> None:
         """The HF model as plain transformers saves it (loadable by ``AutoModelForCausalLM.from_pretrained``),
         and beside it ``memory.safetensors`` and ``memory_config.json``."""
         from safetensors.torch import save_file
 
+        if self.rollout_stage is not None:
+            raise ValueError("a pipeline stage holds part of the model: join the stages first (a training run's "
+                             "export and `python -m rollout_dist.checkpoint export` do)")
         directory = Path(directory)
         self.model.save_pretrained(directory, **kwargs)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.memory_state_dict().items()},
@@ -379,8 +434,11 @@ class MemoryModel(nn.Module):
         return wrapped
 
 
-def with_memory(hf_model: nn.Module, config: MemoryConfig | None = None) -> MemoryModel:
+def with_memory(hf_model: nn.Module, config: MemoryConfig | None = None,
+                device: torch.device | str | None = None) -> MemoryModel:
     """``hf_model`` (an HF causal LM of the llama, mistral, qwen2 or qwen3 family) with memory mode's per-layer
     state; ``config`` defaults to ``MemoryConfig()``.  At initialisation the result equals ``hf_model`` run on
-    each chunk alone (positions restarting at 0)."""
-    return MemoryModel(hf_model, config)
+    each chunk alone (positions restarting at 0).  ``device``: where the memory is created (default: the model's;
+    give it for a model on the meta device).  A model trimmed to a pipeline stage gets the memory of its layers,
+    and the chunk-index track on the first stage; ``MemoryModel.trim_to_stage`` trims a whole one."""
+    return MemoryModel(hf_model, config, device)

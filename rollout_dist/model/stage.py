@@ -67,6 +67,7 @@ def stage_layer_counts(model: torch.nn.Module, num_stages: int, explicit: list[i
     """Decoder layers per stage: ``explicit``, or balanced by training FLOPs per token for documents of
     ``tokens`` tokens: 6 x parameters for every layer and the LM head, plus 6 x hidden x T of causal attention
     per layer (the term that dominates long documents)."""
+    model = _hf(model)
     layers = list(model.model.layers)
     if explicit is not None:
         if len(explicit) != num_stages or sum(explicit) != len(layers) or min(explicit) < 1:
@@ -79,8 +80,17 @@ def stage_layer_counts(model: torch.nn.Module, num_stages: int, explicit: list[i
     return partition_layers(weights, head, num_stages)
 
 
+def _hf(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF causal LM of ``model``: itself, or the one a memory-mode ``MemoryModel`` wraps."""
+    return model.model if getattr(model, "is_memory_model", False) else model
+
+
 def trim_to_stage(model: torch.nn.Module, stage: int, counts: list[int]) -> StageInfo:
-    """Keeps only stage ``stage``'s modules in ``model`` (in place) and returns its ``StageInfo``."""
+    """Keeps only stage ``stage``'s modules in ``model`` (in place) and returns its ``StageInfo``.  A
+    ``MemoryModel`` trims its HF model and keeps its memory for the stage's layers only
+    (``MemoryModel.trim_to_stage``)."""
+    if getattr(model, "is_memory_model", False):
+        return model.trim_to_stage(stage, counts)
     if getattr(model.config, "tie_word_embeddings", False) and len(counts) > 1:
         raise ValueError("tied input/output embeddings cannot be split across pipeline stages (the embedding "
                          "lives on the first stage, the LM head on the last); use parallel.pp=1")
@@ -98,13 +108,20 @@ def trim_to_stage(model: torch.nn.Module, stage: int, counts: list[int]) -> Stag
     return info
 
 
+LAYERED_PREFIXES = ("model.layers.", "model.model.layers.", "memory.")
+"""Names whose next part is a decoder layer's index: an HF model's layers, and a ``MemoryModel``'s (its HF
+model's layers and its per-layer memory)."""
+
+
 def global_name(name: str, info: StageInfo | None) -> str:
     """A stage's module or tensor name under the full model's naming (decoder layer indices made global)."""
-    prefix = "model.layers."
-    if info is None or not name.startswith(prefix) or name == prefix.rstrip("."):
+    if info is None:
         return name
-    local, _, rest = name[len(prefix):].partition(".")
-    return f"{prefix}{int(local) + info.first_layer}" + (f".{rest}" if rest else "")
+    for prefix in LAYERED_PREFIXES:
+        if name.startswith(prefix):
+            local, _, rest = name[len(prefix):].partition(".")
+            return f"{prefix}{int(local) + info.first_layer}" + (f".{rest}" if rest else "")
+    return name
 
 
 def stage_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

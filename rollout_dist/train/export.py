@@ -4,7 +4,8 @@
 With pipeline stages each rank holds only its stage's layers: the stages of replica 0 send theirs to rank 0,
 which loads them into a freshly built full model (on the CPU, in the training dtype) before saving it.
 
-A memory-mode model (``MemoryModel``, one stage) is saved by its own ``save_pretrained``: the HF weights and
+A memory-mode model (``MemoryModel``; with stages, joined as above: its memory's names carry global layer
+indices too) is saved by its own ``save_pretrained``: the HF weights and
 config exactly as plain transformers writes them (``AutoModelForCausalLM.from_pretrained`` loads them, without
 the memory), and beside them ``memory.safetensors`` and ``memory_config.json`` (``MemoryModel.from_pretrained``
 loads all of it).
@@ -89,7 +90,8 @@ def export_final(cfg: TrainConfig, run_dir: Path, module: torch.nn.Module, token
         model = module
         if full_state is not None:
             # in the dtype it trained in: model.dtype=auto means bf16 on the GPUs but fp32 on this CPU
-            model, _ = full_model(cfg.model, full_state, next(module.parameters()).dtype)
+            model, _ = full_model(cfg.model, full_state, next(module.parameters()).dtype,
+                                  memory=cfg.memory if cfg.rollout.mode == "memory" else None)
         save_model_dir(model, tokenizer, final)
         summary["final_model"] = str(final)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -29,7 +29,9 @@ def build_trainable_model(cfg: TrainConfig, device: torch.device):
     if cfg.rollout.mode == "memory":
         from ..model.memory import with_memory
         try:
-            model = with_memory(model, cfg.memory)
+            # a model still on the meta device (pipeline stages) gets its memory on the device, from the generator
+            # state one process has here: every stage's memory starts as one process's
+            model = with_memory(model, cfg.memory, device=device if cfg.parallel.pp > 1 else None)
         except (TypeError, ValueError) as err:  # a model family memory mode does not wrap
             raise ConfigError(f"rollout.mode=memory: {err}") from None
         model.train()
@@ -46,11 +48,12 @@ def trim_to_this_stage(model: torch.nn.Module, parallel: ParallelConfig, layout:
     """Keeps only this rank's stage of ``model`` (in place) and only then places it on ``device`` (a built model
     is initialised there with the values one process holding all layers gets); returns the decoder layers of
     every stage, balanced by training FLOPs at the longest document's length unless parallel.stage_layers gives
-    them.  A split the model does not allow is a ``ConfigError``."""
+    them.  A split the model does not allow is a ``ConfigError``.  A ``MemoryModel`` keeps its stage's layers'
+    memory (on the device already) and, on the first stage, the chunk-index track."""
     try:
         counts = stage_layer_counts(model, layout.pp, parallel.stage_layers, tokens=longest_doc)
         trim_to_stage(model, layout.stage, counts)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    materialize(model, device)
+    materialize(model.model if getattr(model, "is_memory_model", False) else model, device)
     return counts

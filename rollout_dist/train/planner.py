@@ -189,7 +189,8 @@ class MemoryPlanner:
         boundaries = -(-longest // max(1, self.rollout.chunk_size)) + 1
         if self.data.planned_spans:
             boundaries = max(len(v) for v in self.data.planned_spans.values()) + 1
-        per_token = self.activation_per_token + logits_bytes_per_token(ad, self.cfg.rollout.vocab_tile)
+        per_token = self.activation_per_token + (logits_bytes_per_token(ad, self.cfg.rollout.vocab_tile)
+                                                 if ad.has_head else 0)  # a pipeline stage: its own layers only
         return PeakEstimate(tokens=longest, chunk=chunk, fixed=self.fixed_bytes(),
                             state=(boundaries + 2) * one_state, chunk_activations=chunk * per_token, transient=0)
 
@@ -198,13 +199,26 @@ def memory_activation_bytes_per_token(model: torch.nn.Module, probe_tokens: int 
     """Bytes autograd keeps per chunk token when a ``MemoryModel`` recomputes a chunk that reads its memory (the
     backward pass's view): a probe chunk after a probe first chunk, with saved-tensor hooks that add up what is
     kept; weights are not counted, nor the logits."""
+    from ..model.memory import MemoryCarry
+
     device = next(model.parameters()).device
+    ad = model.adapter
+
+    def probe(ids, carry):  # this stage's part of a chunk (a later stage gets zero hidden states)
+        if ad.has_embedding:
+            hidden, topic, shift = model.embed_chunk(ids, carry)
+        else:
+            hidden = torch.zeros((*ids.shape, ad.hidden_size), dtype=ad.dtype, device=device)
+            topic, shift = None, torch.zeros(ids.shape[0], device=device)
+        _, slots, _ = model.run_layers(hidden, carry.slots, shift, first=carry.index == 0)
+        return MemoryCarry(slots, topic, carry.index + 1)
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ids = torch.zeros((1, probe_tokens), dtype=torch.long, device=device)
         counter = SavedBytes(model.parameters())
         with model.memory_attention():
             with torch.no_grad():
-                carry = model.run_chunk(ids, model.initial_carry(1, device)).carry
+                carry = probe(ids, model.initial_carry(1, device))
             with torch.enable_grad(), counter.hooks():
-                model.run_chunk(ids, carry)
+                probe(ids, carry)
     return counter.per_token(probe_tokens)

@@ -353,7 +353,8 @@ def load(*overrides):
 
 
 @pytest.mark.parametrize("overrides,names", [
-    (["rollout=memory", "parallel.pp=2"], ["rollout.mode=memory", "parallel.pp=2"]),
+    (["rollout=memory", "parallel.pp=2", "fault.kind=p2p_corrupt", "coordinator.enabled=true"],
+     ["fault.kind=p2p_corrupt"]),
     (["rollout.mode=memory", "rollout.chunk_size=0"], ["rollout.chunk_size=0", "data.chunk_index"]),
     (["rollout=memory", "rollout.offload=kv"], ["rollout.offload=kv"]),
     (["rollout=memory", "rollout.keep_attention=true"], ["rollout.keep_attention"]),
@@ -379,13 +380,14 @@ def test_memory_mode_configs_that_work():
     cfg = load("rollout.mode=memory", "rollout.chunk_size=0", "data.chunk_index=plans/x")  # chunks planned
     assert cfg.rollout.chunk_size == 0
     assert load("rollout=memory", "memory.curriculum=[2,4]", "parallel.dp=2").memory.curriculum == [2, 4]
+    assert load("rollout=memory", "parallel.pp=2").parallel.pp == 2  # tests/memory/test_memory_pipeline.py
 
 
-def test_entry_point_refuses_pipeline_stages_in_one_line_before_writing(tmp_path):
+def test_entry_point_refuses_in_one_line_before_writing(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "rollout.mode=memory", "parallel.pp=2",
-                           f"checkpoint.dir={tmp_path / 'run'}"], cwd=tmp_path, env=child_env(OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=120)
+                           "rollout.keep_attention=true", f"checkpoint.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "rollout.mode=memory runs on one pipeline stage" in errors[0], proc.stderr[-2000:]
+    assert len(errors) == 1 and "rollout.keep_attention" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
