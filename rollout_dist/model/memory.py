@@ -29,7 +29,10 @@ kept in float32 for bf16 models (``memory.state_dtype``).
 
 The state is passed explicitly (``MemoryCarry``) into and out of ``run_chunk``; nothing hides in module buffers,
 so the chunked backward (rollout_dist.engine.memory) can hand its gradient back.  ``forward`` runs the chunks in
-order with plain autograd: the reference, and what inference uses.  No distributed code lives here.
+order with plain autograd: the reference, and what inference uses.  A chunk is ``embed_chunk`` (the first
+pipeline stage's: embedding, chunk-index track, topic shift), ``run_layers`` (a stage's decoder layers with their
+memory) and the final norm; ``trim_to_stage`` keeps one stage's part, and the rollout across stages lives in
+rollout_dist.parallel.  No distributed code lives here.
 """
 from __future__ import annotations
 
