@@ -81,3 +81,32 @@ def test_memory_scale_tiny_writes_json(tmp_path):
     assert runs[-1]["stored_state_bytes"] == 8 * summary["state_bytes_per_chunk"]
     assert summary["longest_tokens_one_step"] == 4096
     assert "longest document trained in one step: 4096 tokens" in proc.stdout
+
+
+def test_memory_eval_curriculum_schedule():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from memory_eval import curriculum_chunks
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(curriculum=(2, 3, 5), curriculum_frac=0.5, steps=60, chunks=9)
+    lengths = [curriculum_chunks(args, s) for s in range(60)]
+    assert lengths == [2] * 10 + [3] * 10 + [5] * 10 + [9] * 30
+    args.curriculum = ()
+    assert {curriculum_chunks(args, s) for s in range(60)} == {9}
+
+
+def test_memory_eval_tiny_reports_every_variant(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "memory_eval.py"), "--tiny"]
+    proc = subprocess.run(cmd, env=child_env(OUT=str(tmp_path)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "memory_eval.jsonl").read_text().splitlines()]
+    assert rows[0]["setup"]["curriculum"] == [2, 3] and rows[0]["chance"] == pytest.approx(0.001)
+    results = {r["variant"]: r for r in rows[1:]}
+    assert list(results) == ["memory", "memory/ablated", "local", "exact"]
+    for r in results.values():
+        assert set(r["accuracy"]) == {"1", "2"} and all(0 <= a <= 1 for a in r["accuracy"].values())
+        assert len(r["text_loss_by_chunk"]) == 3 and r["steps"] == 6
+    assert results["memory"]["text_loss_by_chunk"][0] == results["memory/ablated"]["text_loss_by_chunk"][0]
