@@ -119,6 +119,71 @@ def test_offload_larger_than_host_memory_is_refused_with_figures(monkeypatch):
         CausalLMAdapter(model).new_state(1, 4096, offload="kv")
 
 
+GiB = 2**30
+
+
+def fake_host(tmp_path, monkeypatch, *, available_kb=None, v2=None, v1=None, cgroup="/job/rank"):
+    """/proc/meminfo (MemAvailable in kB), /proc/self/cgroup and a cgroup tree under tmp_path: ``v2`` / ``v1``
+    {relative cgroup directory: (limit, usage)} with limit "max" or bytes; the process's cgroup is ``cgroup``."""
+    from rollout_dist.model import offload
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32505856 kB\n" + (f"MemAvailable:   {available_kb} kB\n"
+                                                          if available_kb is not None else ""))
+    (tmp_path / "self_cgroup").write_text(f"4:memory:{cgroup}\n0::{cgroup}\n")
+    root = tmp_path / "cgroup"
+    for base, files, tree in (("", ("memory.max", "memory.current"), v2 or {}),
+                              ("memory", ("memory.limit_in_bytes", "memory.usage_in_bytes"), v1 or {})):
+        for rel, (limit, usage) in tree.items():
+            d = root / base / rel
+            d.mkdir(parents=True, exist_ok=True)
+            (d / files[0]).write_text(f"{limit}\n")
+            (d / files[1]).write_text(f"{usage}\n")
+    monkeypatch.setattr(offload, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(offload, "PROC_CGROUP", str(tmp_path / "self_cgroup"))
+    monkeypatch.setattr(offload, "CGROUP_ROOT", str(root))
+    return offload
+
+
+def test_host_memory_reads_the_cgroup_limit_before_meminfo(tmp_path, monkeypatch):
+    """The multi-GPU machines' MemTotal starts near 31 GiB of the 256-560 GiB allowed: the cgroup limit (less
+    its usage), v2 or v1, of the process's cgroup or any ancestor, decides where one is set."""
+    off = fake_host(tmp_path / "a", monkeypatch, available_kb=30 * 2**20,
+                    v2={"": ("max", 0), "job": (512 * GiB, 12 * GiB)})
+    assert off.available_host_bytes() == 500 * GiB
+    assert "memory cgroup limit of 512.0 GiB, 12.0 GiB used" in off.host_memory()[1]
+    # v1, the tightest of the process's cgroup and its ancestors; "no limit" is 2^63-1 rounded to a page
+    off = fake_host(tmp_path / "b", monkeypatch, available_kb=30 * 2**20,
+                    v1={"": (9223372036854771712, GiB), "job": (64 * GiB, 4 * GiB), "job/rank": (100 * GiB, 0)})
+    assert off.available_host_bytes() == 60 * GiB
+    off = fake_host(tmp_path / "c", monkeypatch, available_kb=30 * 2**20, v2={"": ("max", GiB)},
+                    v1={"": (9223372036854771712, GiB)})
+    assert off.host_memory() == (30 * GiB, "MemAvailable of /proc/meminfo (no memory cgroup limit is set)")
+    off = fake_host(tmp_path / "d", monkeypatch)
+    assert off.available_host_bytes() is None
+    off.check_host_memory(10**15, "anything")  # nothing to compare with: not refused
+
+
+def test_host_memory_check_counts_every_local_process(tmp_path, monkeypatch):
+    """All processes of a host offload at once: each one's share times the local processes is compared with
+    what is available (4 x 10 GiB > 32 GiB is refused, 1 x 10 GiB is not)."""
+    off = fake_host(tmp_path, monkeypatch, available_kb=8 * 2**20, v2={"": (32 * GiB, 0)})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert off.local_ranks_on_host() == 4
+    with pytest.raises(MemoryError, match=r"rollout.offload=kv needs 10.0 GiB of host memory per process, 40.0 "
+                                          r"GiB for the 4 processes on this host, but 32.0 GiB are available \(the "
+                                          r"memory cgroup limit of 32.0 GiB, 0.0 GiB used .*memory.max\).*"
+                                          r"fewer processes on this host"):
+        off.check_host_memory(10 * GiB, "rollout.offload=kv")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    off.check_host_memory(10 * GiB, "rollout.offload=kv")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")  # Open MPI's launch
+    with pytest.raises(MemoryError, match="4 processes on this host"):
+        off.check_host_memory(10 * GiB, "rollout.offload=kv")
+    off.check_host_memory(10 * GiB, "rollout.offload=kv", local_ranks=1)
+
+
 def test_host_buffers_are_reused_between_rollouts():
     """A rollout's own pool keeps its host buffers from document to document (a second rollout has its own)."""
     model = tiny_model("llama", num_hidden_layers=3)

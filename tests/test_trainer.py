@@ -238,7 +238,7 @@ def test_host_memory_check_counts_the_offloaded_optimizer(tmp_path, monkeypatch)
     offloaded K/V both are counted against the host memory available."""
     seen = []
 
-    def check(nbytes, what, available=None):
+    def check(nbytes, what, available=None, local_ranks=None):
         seen.append((nbytes, what))
     monkeypatch.setattr("rollout_dist.train.planner.check_host_memory", check)
     trainer = make_trainer(tmp_path / "a", zero_stage=1, offload_optimizer="cpu", offload="kv",

@@ -22,6 +22,7 @@ the same.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import torch
@@ -37,25 +38,94 @@ def offloaded_layers(num_layers: int, requested: int = 0) -> int:
     return min(requested, num_layers) if requested else num_layers
 
 
-def available_host_bytes() -> int | None:
-    """Host memory available to this process now: MemAvailable of /proc/meminfo, or less where a cgroup (v2)
-    memory limit leaves less (containers); None where neither can be read."""
-    found = []
+MEMINFO = "/proc/meminfo"
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+"""Where the host-memory figures are read (tests point them at fake files)."""
+
+_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as 2^63-1 rounded down to a page; v2 as "max"
+_CGROUP_FILES = (("memory.max", "memory.current"),  # v2
+                 ("memory.limit_in_bytes", "memory.usage_in_bytes"))  # v1
+
+
+def _read(path: str) -> str | None:
     try:
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        with open(path) as f:
+            return f.read()
     except OSError:
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-        if limit != "max":
-            found.append(max(int(limit) - used, 0))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
+        return None
+
+
+def _cgroup_dirs() -> list[str]:
+    """Directories that may hold this process's memory cgroup files, innermost first: its cgroup (from
+    /proc/self/cgroup; v2's ``0::/path`` under the root or under ``unified/``, v1's ``N:memory:/path`` under
+    ``memory/``) and every ancestor up to the mount, whose limits bind it too.  Inside a container with its own
+    cgroup namespace the path is ``/`` and the mount itself is the cgroup."""
+    paths = {}
+    for line in (_read(PROC_CGROUP) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and (parts[1] == "" or "memory" in parts[1].split(",")):
+            paths["v2" if parts[1] == "" else "v1"] = parts[2].strip().strip("/")
+    bases = [(CGROUP_ROOT, paths.get("v2", "")), (os.path.join(CGROUP_ROOT, "unified"), paths.get("v2", "")),
+             (os.path.join(CGROUP_ROOT, "memory"), paths.get("v1", ""))]
+    dirs = []
+    for base, rel in bases:
+        parts = [p for p in rel.split("/") if p]
+        dirs += [os.path.join(base, *parts[:n]) for n in range(len(parts), -1, -1)]
+    return dirs
+
+
+def cgroup_free_bytes() -> tuple[int, str] | None:
+    """What this process's memory cgroup still lets it take, (limit - usage, the directory whose limit binds),
+    the smallest over its cgroup and their ancestors, cgroup v2 (memory.max, memory.current) or v1
+    (memory.limit_in_bytes, memory.usage_in_bytes); None where no limit is set or none can be read."""
+    best = None
+    for d in _cgroup_dirs():
+        for limit_file, usage_file in _CGROUP_FILES:
+            limit, usage = _read(os.path.join(d, limit_file)), _read(os.path.join(d, usage_file))
+            if limit is None or usage is None or limit.strip() == "max":
+                continue
+            try:
+                limit_b, usage_b = int(limit), int(usage)
+            except ValueError:
+                continue
+            if limit_b >= _NO_LIMIT:
+                continue
+            free = max(limit_b - usage_b, 0)
+            if best is None or free < best[0]:
+                best = (free, f"the memory cgroup limit of {limit_b / 2**30:.1f} GiB, {usage_b / 2**30:.1f} GiB "
+                              f"used ({os.path.join(d, limit_file)})")
+    return best
+
+
+def host_memory() -> tuple[int | None, str]:
+    """(bytes of host memory this process may still take, where the figure comes from).
+
+    Where a memory cgroup sets a limit, that limit less its usage: it is what the kernel enforces, and on the
+    multi-GPU machines (Firecracker microVMs whose RAM is added as it is used) /proc/meminfo's MemTotal starts
+    near 31 GiB of the 256-560 GiB the cgroup allows, so MemAvailable under-reports.  Without a limit,
+    MemAvailable of /proc/meminfo.  (None, why) where neither can be read."""
+    limited = cgroup_free_bytes()
+    if limited is not None:
+        return limited
+    for line in (_read(MEMINFO) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024, "MemAvailable of /proc/meminfo (no memory cgroup limit is set)"
+    return None, "neither a memory cgroup limit nor /proc/meminfo could be read"
+
+
+def available_host_bytes() -> int | None:
+    """Host memory this process may still take (``host_memory``'s figure), or None where it cannot be read."""
+    return host_memory()[0]
+
+
+def local_ranks_on_host() -> int:
+    """Processes of this job on this host, from the launcher (torchrun/deepspeed: LOCAL_WORLD_SIZE; Open MPI:
+    OMPI_COMM_WORLD_LOCAL_SIZE); 1 where none says."""
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return max(1, int(os.environ[var]))
+    return 1
 
 
 def host_bytes_needed(mode: str, num_layers: int, tokens: int, kv_heads: int, head_dim: int,
@@ -65,13 +135,30 @@ def host_bytes_needed(mode: str, num_layers: int, tokens: int, kv_heads: int, he
     return per_kind * {"none": 0, "kv": 2, "all": 4}[mode]
 
 
-def check_host_memory(nbytes: int, what: str, available: int | None = None) -> None:
-    """Refuses, with the figures, an offload that would not fit in the host memory available now."""
-    available = available_host_bytes() if available is None else available
-    if available is not None and nbytes > 0.9 * available:
-        raise MemoryError(f"{what} needs {nbytes / 2**30:.1f} GiB of host memory but {available / 2**30:.1f} GiB "
-                          "are available; use rollout.offload=kv (dK/dV stay on the GPU) instead of all, a "
-                          "shorter document (data.max_doc_tokens), or a host with more memory")
+def check_host_memory(nbytes: int, what: str, available: int | None = None,
+                      local_ranks: int | None = None) -> None:
+    """Refuses, with the figures, host memory that would not fit.  ``nbytes`` is one process's share; every
+    process of the job on this host (``local_ranks``, default ``local_ranks_on_host()``) takes its own at the same
+    time, so ``nbytes`` x ``local_ranks`` is compared with 90% of what is available (``available``, default
+    ``host_memory()``: the cgroup limit less its usage, else MemAvailable).  Pipeline stages hold different layer
+    counts: callers pass the largest stage's share, so that every rank reaches the same verdict."""
+    local = local_ranks_on_host() if local_ranks is None else max(1, local_ranks)
+    source = None
+    if available is None:
+        available = available_host_bytes()
+        figure, source = host_memory()
+        source = source if figure == available else None
+    if available is None:
+        return
+    total = nbytes * local
+    if total > 0.9 * available:
+        share = (f" per process, {total / 2**30:.1f} GiB for the {local} processes on this host," if local > 1
+                 else "")
+        raise MemoryError(f"{what} needs {nbytes / 2**30:.1f} GiB of host memory{share} but "
+                          f"{available / 2**30:.1f} GiB are available{f' ({source})' if source else ''} and at most "
+                          "90% of it is used; use rollout.offload=kv (dK/dV stay on the GPU) instead of all, offload "
+                          "fewer layers (rollout.offload_layers), a shorter document (data.max_doc_tokens), fewer "
+                          "processes on this host, or a host with more memory")
 
 
 class HostPool:
@@ -296,10 +383,13 @@ class OffloadedKVState(KVState):
         self.mode = mode
         self.pool = HostPool() if pool is None else pool
         self._shape, self._dtype, self._device = shape, dtype, device
+        # this state's own bytes only: the trainer counted every process of the host before any allocated
+        # (train/planner.check_host_fits); by now other processes' buffers may be taken already, so they are
+        # missing from what is available and counting their shares again would refuse a run that fits
         available = available_host_bytes()
         check_host_memory(host_bytes_needed(mode, self.offloaded, batch * length, kv_heads, head_dim, dtype),
                           f"rollout.offload={mode} for {batch} x {length} tokens and {self.offloaded} layers",
-                          None if available is None else available + self.pool.free_bytes)
+                          None if available is None else available + self.pool.free_bytes, local_ranks=1)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.rings = {kind: LayerRing(self.offloaded, self._shape, dtype, device, slots=slots, stream=stream,
                                       pool=self.pool) for kind in ("k", "v")}

@@ -23,7 +23,8 @@ from ..engine import Rollout
 from ..engine.budget import (GiB, PeakEstimate, SavedBytes, activation_bytes_per_token, estimate_peak, fit_advice,
                              fit_keep_tokens, logits_bytes_per_token, pending_gradient_bytes, pick_chunk_size)
 from ..model import CausalLMAdapter
-from ..model.offload import check_host_memory, host_bytes_needed, offloaded_layers
+from ..model.offload import check_host_memory, host_bytes_needed, local_ranks_on_host, offloaded_layers
+from ..model.stage import stage_layer_counts
 from .context import RunContext
 from .data_pipeline import DataPipeline
 
@@ -35,13 +36,26 @@ def check_host_fits(cfg: TrainConfig, model: torch.nn.Module, longest_doc: int) 
     optimizer (16 bytes per parameter in fp32, 8 in bf16, split over the data-parallel ranks) would not fit
     the host memory available now: otherwise the kernel kills the job mid-step, after the fill pass.
 
-    Runs at construction, before the process group exists, so the sizes come from the launcher's environment."""
+    Every process of this host offloads its own share at once, so one share times the local processes is
+    compared with what the host's memory cgroup (else MemAvailable) leaves (``check_host_memory``).  With
+    pipeline stages a process offloads its stage's layers (the first ``rollout.offload_layers`` of them, 0:
+    all); the share counted is the largest stage's, the same on every rank, so that all ranks refuse alike.
+
+    Runs at construction, before the process group exists and before the model is trimmed to a stage, so the
+    sizes come from the launcher's environment and the stage split from ``stage_layer_counts``."""
     parts = []
     if cfg.rollout.offload != "none":
         ad = CausalLMAdapter(model)
-        layers = offloaded_layers(ad.num_layers, cfg.rollout.offload_layers)
+        stages = [ad.num_layers]
+        if cfg.parallel.pp > 1:
+            try:
+                stages = stage_layer_counts(model, cfg.parallel.pp, cfg.parallel.stage_layers, tokens=longest_doc)
+            except ValueError:
+                pass  # a split the model does not allow is refused with its reason when the stage is trimmed
+        layers = max(offloaded_layers(n, cfg.rollout.offload_layers) for n in stages)
         need = host_bytes_needed(cfg.rollout.offload, layers, longest_doc, ad.kv_heads, ad.head_dim, ad.dtype)
-        parts.append((need, f"rollout.offload={cfg.rollout.offload} of {layers} layers for the longest "
+        of_stage = " of the largest pipeline stage" if len(stages) > 1 else ""
+        parts.append((need, f"rollout.offload={cfg.rollout.offload} of {layers} layers{of_stage} for the longest "
                             f"document ({longest_doc} tokens)"))
     if cfg.trainer.offload_optimizer == "cpu":
         per_param = 8 if cfg.trainer.optimizer_dtype == "bf16" else 16
@@ -52,11 +66,9 @@ def check_host_fits(cfg: TrainConfig, model: torch.nn.Module, longest_doc: int) 
                                            f"{cfg.trainer.optimizer_dtype})"))
     if not parts:
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every process of this node offloads its own
     what = " + ".join(f"{w} {b / 2**30:.1f} GiB" for b, w in parts)
     try:
-        check_host_memory(sum(b for b, _ in parts) * local,
-                          what + (f", {local} processes on this node" if local > 1 else ""))
+        check_host_memory(sum(b for b, _ in parts), what, local_ranks=local_ranks_on_host())
     except MemoryError as err:
         raise ConfigError(str(err)) from None
 

@@ -35,7 +35,7 @@ def setup(tmp_path, *, chunk=4, keep_attention=False, zero_stage=0, texts=("x" *
 def test_host_memory_is_refused_with_the_figures(tmp_path, monkeypatch):
     cfg, model, planner = setup(tmp_path, offload="kv")
     seen = []
-    monkeypatch.setattr("rollout_dist.train.planner.check_host_memory", lambda n, what: seen.append((n, what)))
+    monkeypatch.setattr("rollout_dist.train.planner.check_host_memory", lambda n, what, **kw: seen.append((n, what)))
     check_host_fits(cfg, model, 60)
     ad = CausalLMAdapter(model)
     assert seen == [(2 * ad.num_layers * 60 * ad.kv_heads * ad.head_dim * 4,
