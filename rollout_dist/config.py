@@ -494,10 +494,6 @@ class TrainConfig:
             raise ConfigError(f"checkpoint.chunk_every={self.checkpoint.chunk_every} needs rollout.mode=exact on one "
                               f"pipeline stage (this run: rollout.mode={self.rollout.mode}, parallel.pp="
                               f"{self.parallel.pp}): set checkpoint.chunk_every=0")
-        if self.parallel.pp > 1 and self.rollout.offload != "none":
-            raise ConfigError(f"rollout.offload={self.rollout.offload} is not supported with pipeline stages "
-                              f"(parallel.pp={self.parallel.pp}) yet; stages already split the K/V over GPUs: "
-                              "use rollout.offload=none, or parallel.pp=1")
         if self.rollout.mode == "memory":
             self._check_memory_mode()
         else:

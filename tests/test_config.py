@@ -79,9 +79,11 @@ def test_attention_kernel_names_agree_with_the_model_code():
     assert OFFLOAD_MODES == MODEL_OFFLOAD_MODES
 
 
-def test_offload_with_pipeline_stages_is_refused_with_a_way_out():
-    with pytest.raises(ConfigError, match="rollout.offload=kv is not supported with pipeline stages"):
-        load("rollout.offload=kv", "parallel.pp=2")
+def test_offload_with_pipeline_stages_composes_except_in_memory_mode():
+    cfg = load("rollout.offload=all", "rollout.offload_layers=2", "parallel.pp=4")  # each stage's own layers
+    assert (cfg.rollout.offload, cfg.rollout.offload_layers, cfg.parallel.pp) == ("all", 2, 4)
+    with pytest.raises(ConfigError, match="rollout.mode=memory carries a small fixed-size state"):
+        load("rollout.mode=memory", "rollout.chunk_size=16", "rollout.offload=kv", "parallel.pp=2")
 
 
 def test_8b_offload_recipe_composes():

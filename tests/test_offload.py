@@ -244,3 +244,26 @@ def test_gpu_offload_equals_device_state(mode, layers, attention):
     # the device holds what the memory model says: the offloaded layers' state gave way to 2 slots per kind
     assert runs[2][0].state_bytes == 4000 * state_bytes_per_token(CausalLMAdapter(model), mode, offload_layers=layers)
     assert runs[2][0].state_bytes < runs[0][0].state_bytes
+
+
+def test_pipeline_stage_offloads_its_own_layers():
+    """rollout.offload under pipeline stages: each stage's state offloads its own layers (offload_layers counts
+    the stage's first N); the training runs equal to one process are in tests/distributed."""
+    from rollout_dist.config import RolloutConfig
+    from rollout_dist.engine import make_rollout
+    from rollout_dist.model import trim_to_stage
+    from rollout_dist.parallel import RankLayout
+    from rollout_dist.parallel.pipeline import PipelineRollout
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    trim_to_stage(model, 1, [2, 3, 1])  # stage 1: global layers 2, 3, 4
+    rollout = make_rollout(RolloutConfig(chunk_size=4, offload="all", offload_layers=2),
+                           RankLayout(pp=3, rank=1, world=3))
+    assert isinstance(rollout, PipelineRollout)
+    state = rollout.new_state(model, 1, 12)
+    assert isinstance(state, OffloadedKVState) and state.pool is rollout.host_pool
+    assert (state.layer_offset, state.num_layers, state.offloaded, state.mode) == (2, 3, 2, "all")
+    assert state.keys[:2] == [None, None] and state.keys[2] is not None  # global layer 4 stays on the device
+    state.close()
+    with pytest.raises(ValueError, match="offload='disk' is not one of"):
+        PipelineRollout(4, RankLayout(pp=3, rank=1, world=3), offload="disk")

@@ -14,7 +14,8 @@ a GPU once the engine exists)."""
 def make_rollout(rollout_cfg, layout=None, *, chunk_size: int | None = None, memory=None,
                  tokenizer=None) -> Rollout:
     """The ``Rollout`` for ``rollout_cfg`` (a ``RolloutConfig``): ``ExactRollout`` on one process, with a
-    ``RankLayout`` of more than one pipeline stage the ``PipelineRollout`` of this rank's stage, or for
+    ``RankLayout`` of more than one pipeline stage the ``PipelineRollout`` of this rank's stage (K/V offload
+    there applies to the stage's own layers), or for
     ``rollout.mode=memory`` the ``MemoryRollout`` (with stages: this stage's ``PipelineMemoryRollout``;
     ``memory``: the ``MemoryConfig``, for ``ablate``; ``tokenizer``: the run's, which turns
     ``rollout.importance_keywords`` into token ids).  ``chunk_size`` overrides the config's (0 there means "pick
@@ -28,9 +29,9 @@ def make_rollout(rollout_cfg, layout=None, *, chunk_size: int | None = None, mem
                   vocab_tile=rollout_cfg.vocab_tile, keep_tokens=rollout_cfg.keep_attention_tokens)
     if layout is not None and layout.pp > 1:
         from ..parallel.pipeline import PipelineRollout  # parallel builds on engine, not the other way round
-        if rollout_cfg.offload != "none":
-            raise ValueError(f"rollout.offload={rollout_cfg.offload} is not supported with pipeline stages yet")
-        return PipelineRollout(chunk, layout, **common)
+        # each stage offloads its own layers' state (offload_layers: the stage's first N)
+        return PipelineRollout(chunk, layout, offload=rollout_cfg.offload, offload_layers=rollout_cfg.offload_layers,
+                               **common)
     from .exact import ExactRollout
     return ExactRollout(chunk, offload=rollout_cfg.offload, offload_layers=rollout_cfg.offload_layers, **common)
 

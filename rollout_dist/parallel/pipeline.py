@@ -2,6 +2,9 @@
 
 Each process holds one stage (a model trimmed by ``rollout_dist.model.trim_to_stage``) and that stage's carried
 K/V; hidden states of a chunk go to the next stage, their gradients come back; dK/dV never leave a stage.
+With ``offload`` (kv, all) each stage keeps its own layers' K/V (and dK/dV) in host memory, staged into the
+device a layer at a time as on one process (rollout_dist.model.offload); ``offload_layers`` counts the stage's
+own layers (its first N; 0: all of them).
 
 Fill: stage s runs chunk c while stage s+1 runs chunk c-1 (sends do not wait).
 Backward: chunks in reverse order under a one-forward-one-backward schedule, where "forward" is the recompute
@@ -21,6 +24,7 @@ from ..engine.rollout import BackwardFn, ChunkHook, ProgressFn, Rollout, Rollout
 from ..engine.streams import StreamKey
 from ..model import CausalLMAdapter, KVState
 from ..model.carried_state import Boundary
+from ..model.offload import OFFLOAD_MODES, HostPool
 from .layout import RankLayout
 from .p2p import P2P
 
@@ -30,18 +34,28 @@ class PipelineRollout(Rollout):
 
     Its carried state is the stage's own layers' K/V (``KVState`` with the stage's layer offset).  A run may stop
     at a fill boundary (``stop_at=Boundary("fill", k)``) on every stage and continue from there; the 1F1B backward
-    schedule keeps recomputed chunks in flight between stages, so it has no boundary to stop at."""
+    schedule keeps recomputed chunks in flight between stages, so it has no boundary to stop at.
+
+    ``offload`` (none, kv, all) and ``offload_layers`` are ``ExactRollout``'s, applied to the stage's own layers:
+    ``offload_layers=N`` offloads the first N decoder layers of each stage (0: every layer of the stage)."""
 
     def __init__(self, chunk_size: int, layout: RankLayout, attention: str = "auto", keep_attention: bool = False,
-                 vocab_tile: int = 0, keep_tokens: int = 0):
+                 vocab_tile: int = 0, keep_tokens: int = 0, offload: str = "none", offload_layers: int = 0):
         super().__init__(chunk_size, attention=attention, keep_attention=keep_attention, vocab_tile=vocab_tile,
                          keep_tokens=keep_tokens)
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload={offload!r} is not one of {OFFLOAD_MODES}")
+        if not isinstance(offload_layers, int) or offload_layers < 0:
+            raise ValueError(f"offload_layers must be 0 (every layer) or a positive count, got {offload_layers!r}")
         self.layout = layout
+        self.offload, self.offload_layers = offload, offload_layers
+        self.host_pool = HostPool()  # this stage's host buffers, reused from document to document
         self.p2p_watch = None
         """Called with every tensor this stage sends or receives (``P2P.watch``): digests, fault tests."""
 
     def new_state(self, model: torch.nn.Module, batch: int, length: int) -> KVState:
-        return CausalLMAdapter(model).new_state(batch, length)
+        return CausalLMAdapter(model).new_state(batch, length, offload=self.offload,
+                                                offload_layers=self.offload_layers, pool=self.host_pool)
 
     def _stage_input(self, adapter: CausalLMAdapter, p2p: P2P, chunk_ids: torch.Tensor, grad: bool,
                      tag: tuple = ()) -> torch.Tensor:
@@ -87,7 +101,8 @@ class PipelineRollout(Rollout):
 
         def recompute(c):
             s, e = spans[c]
-            with torch.enable_grad():
+            # an offloaded state swaps saved K/V views for tokens (backward, later under 1F1B, stages them again)
+            with torch.enable_grad(), state.autograd_hooks():
                 h_in = stage_input(c, grad=True)
                 h = layers(c, h_in, "recompute")
                 if adapter.has_head:

@@ -1,4 +1,5 @@
-"""pp=2, dp=2 and pp=2 x dp=2 on CPU (gloo, torchrun, the real entry point) train exactly like one process.
+"""pp=2, pp=4, dp=2 and pp=2 x dp=2 on CPU (gloo, torchrun, the real entry point) train exactly like one process,
+also with the carried K/V offloaded to host memory under pipeline stages (rollout.offload=kv, all).
 
 Four documents whose lengths do not divide by the chunk size; a step is a window of two documents (one process:
 grad_accum=2; dp=2: one document per replica).  Gradient clipping is set low enough to act, so the global
@@ -72,12 +73,23 @@ def reference(one_process):
     # the round-robin deal gives each step the same two documents as one process with grad_accum=2
     ("dp2", 2, ["parallel.pp=1", "trainer.grad_accum=1", "data.balance=false"]),
     ("pp2dp2", 4, ["parallel.pp=2", "trainer.grad_accum=1", "data.balance=false"]),
+    # K/V offload under stages, each stage its own layers': kv on the first of each stage's two layers (the
+    # second stays on the device); all (K/V and dK/dV) on pp=4's one layer per stage, which is also the depth-4
+    # pipeline (its 1F1B keeps up to 3 recomputed chunks in flight, whose saved K/V are staged again in backward)
+    ("pp2_offload_kv", 2, ["parallel.pp=2", "trainer.grad_accum=2", "rollout.offload=kv", "rollout.offload_layers=1"]),
+    ("pp4_offload_all", 4, ["parallel.pp=4", "trainer.grad_accum=2", "rollout.offload=all"]),
 ])
 def test_parallel_layout_trains_like_one_process(tmp_path, docs, reference, name, nproc, overrides):
     ref_summary, ref_weights, _ = reference
     summary, weights, log = train(tmp_path / name, docs, nproc, *overrides)
-    if "pp=2" in " ".join(overrides):
-        assert "decoder layers per stage [2, 2]" in log
+    stages = {"parallel.pp=2": "[2, 2]", "parallel.pp=4": "[1, 1, 1, 1]"}
+    for key, counts in stages.items():
+        if key in overrides:
+            assert f"decoder layers per stage {counts}" in log
+    if "rollout.offload=kv" in overrides:
+        assert "K/V offload kv (first 1 layers)" in log
+    if "rollout.offload=all" in overrides:
+        assert "K/V offload all" in log
     for ours, ref in zip(summary["losses"], ref_summary["losses"]):
         assert abs(ours - ref) <= 1e-6 * abs(ref), (summary["losses"], ref_summary["losses"])
     assert summary["tokens"] == ref_summary["tokens"]

@@ -46,6 +46,21 @@ def test_host_memory_is_refused_with_the_figures(tmp_path, monkeypatch):
         check_host_fits(cfg, model, 60)
 
 
+def test_host_memory_counts_the_largest_stage_times_the_local_processes(tmp_path, monkeypatch):
+    """With pipeline stages each process offloads its stage's layers: the largest stage's share (the same on
+    every rank) times the processes on this host."""
+    cfg, model, _ = setup(tmp_path, offload="kv")
+    cfg.parallel.pp = 2
+    seen = []
+    monkeypatch.setattr("rollout_dist.train.planner.check_host_memory",
+                        lambda n, what, local_ranks=None: seen.append((n, what, local_ranks)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_host_fits(cfg, model, 60)
+    ad = CausalLMAdapter(model)
+    assert seen == [(2 * 1 * 60 * ad.kv_heads * ad.head_dim * 4, "rollout.offload=kv of 1 layers of the largest "
+                     "pipeline stage for the longest document (60 tokens) 0.0 GiB", 2)]
+
+
 def test_fixed_bytes_count_the_gradients_zero_2_does_not_add(tmp_path):
     params = None
     for stage in (0, 2):
