@@ -39,6 +39,26 @@ class BackwardStopper:
                 "backward_chunk_s": [round(b - a, 2) for a, b in zip(times, times[1:])]}
 
 
+class StageStopper(BackwardStopper):
+    """``BackwardStopper`` for a pipeline stage, called as a chunk hook: it counts a backward chunk once the stage
+    has sent that chunk's input gradient to the stage before (stopping inside ``backward`` would leave that
+    stage waiting for it).  Every stage stops after ``chunks`` backward chunks; no stage then waits for a message
+    (the stage before has sent one recomputed chunk more than this one reads, which is left unread: the process
+    leaves without tearing down its process group)."""
+
+    def __init__(self, chunks: int):
+        super().__init__(None, chunks)
+
+    def __call__(self, event):
+        if event.phase != "backward":
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        if len(self.times) == self.chunks:
+            raise ProbeDone
+
+
 class PeakTrace:
     """Records the CUDA allocator's events (with Python stacks) while a probe runs; ``breakdown()`` names what was
     allocated at the traced peak, summed by the innermost rollout_dist / transformers / torch frame that asked."""
