@@ -151,7 +151,8 @@ class RolloutConfig:
     offload_layers: int = 0
     """With offload kv or all: offload the state of only the first N decoder layers; the later layers' stays on
     the GPU. Moves one layer's state (4 x kv_heads x head_dim bytes per token, K/V and dK/dV) at a time between
-    host and GPU memory, for machines where neither holds all of it. 0: every layer."""
+    host and GPU memory, for machines where neither holds all of it. 0: every layer. With pipeline stages
+    (parallel.pp > 1): the first N layers of each stage (each stage offloads its own layers' state)."""
     vocab_tile: int = 0
     """Compute the LM head and loss in tiles of this many vocabulary rows, so a chunk's (tokens x vocab) logits
     never exist whole (e.g. 16384 for 128K-token vocabularies and long chunks). 0: the plain head."""
