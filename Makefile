@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) launch/train.py $(ARGS)
 
-# pytest exits 5 when it collects no tests; that is not a failure of the suite
+# The suite runs on TEST_WORKERS pytest-xdist workers (CI's machine has 2 cores), whole files per worker (a file's
+# tests share its launches); TEST_WORKERS=0 runs it in this process.  pytest exits 5 when it collects no tests;
+# that is not a failure of the suite
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; \
+	exit $$rc

@@ -10,3 +10,11 @@ from pathlib import Path
 # the runs they launch inherit; a TORCH_EXTENSIONS_DIR set by the caller is kept.
 if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+# Under pytest-xdist (`make test`: one worker per core) each worker and what it launches computes on one thread:
+# two workers' OpenMP threads spinning on two cores would each run many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
