@@ -17,9 +17,10 @@ Also the mean loss by chunk index on held-out real text of ``--text-chunks`` chu
 The objective is the mean next-token loss on the whole document plus the mean loss of the answer tokens
 (``--answer-weight``).  Training documents grow in chunks (``--curriculum``, ARMT's and RMT's segment curriculum:
 2, 3, 5 chunks, then ``--chunks`` for the second half of the steps); every variant sees the same documents.  The
-defaults are the configuration of docs/memory_mode.md's results (memory 99.8-100 % at every k on one H200).  Training uses the whole-graph reference (``MemoryModel.forward``), which
-tests/memory/test_memory_model.py shows equal to the chunked backward in float64, because it is faster for
-models this small; ``--chunked`` trains with ``rollout_dist.chunked_forward_backward`` instead.
+defaults are the configuration of docs/memory_mode.md's results (memory 99.8-100 % at every k on one H200).
+Training uses the whole-graph reference (``MemoryModel.forward``), which tests/memory/test_memory_model.py shows
+equal to the chunked backward in float64, because it is faster for models this small; ``--chunked`` trains with
+``rollout_dist.chunked_forward_backward`` instead.
 
 Prints JSON lines (and writes them to $OUT/memory_eval.jsonl) and a table last.
 """
