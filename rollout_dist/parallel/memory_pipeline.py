@@ -32,10 +32,9 @@ import torch
 
 from ..engine.loss import head_cross_entropy_sum
 from ..engine.memory import MemoryDocument, MemoryRollout, MemoryState
-from ..engine.rollout import BackwardFn, ChunkHook, ProgressFn, RolloutResult, check_token_ids
+from ..engine.rollout import ChunkHook, RolloutResult, check_token_ids
 from ..engine.streams import StreamKey
 from ..engine.weighting import ChunkPlan, ImportanceWeights
-from ..model.carried_state import Boundary
 from .layout import RankLayout
 from .p2p import P2P
 
@@ -53,20 +52,10 @@ class PipelineMemoryRollout(MemoryRollout):
         self.p2p_watch = None
         """Called with every tensor this stage sends or receives (``P2P.watch``)."""
 
-    def run(self, model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-            loss_normalizer: float | None = None, backward: BackwardFn | None = None,
-            spans: list[tuple[int, int]] | None = None, state: MemoryState | None = None,
-            stream: StreamKey | None = None, stop_at: Boundary | None = None, hooks: Sequence[ChunkHook] = (),
-            progress: ProgressFn | None = None, ablate_state: bool | None = None,
-            boundary_scores: Sequence[float] | None = None, segment_ids=None) -> RolloutResult:
-        """This stage's part of ``MemoryRollout.run``: every stage of a pipeline is called with the same
-        arguments."""
-        if stop_at is not None:
-            raise ValueError("memory mode does not stop inside a document, on one process or across pipeline "
-                             "stages (no chunk snapshots)")
-        result = super().run(model, input_ids, labels, loss_normalizer=loss_normalizer, backward=backward,
-                             spans=spans, state=state, stream=stream, hooks=hooks, progress=progress,
-                             ablate_state=ablate_state, boundary_scores=boundary_scores, segment_ids=segment_ids)
+    def run(self, model, *args, **kwargs) -> RolloutResult:
+        """This stage's part of ``MemoryRollout.run`` (same arguments; every stage of a pipeline is called with
+        the same ones).  Stages other than the last hold no loss: theirs is NaN."""
+        result = super().run(model, *args, **kwargs)
         if not self._model(model).adapter.has_head:
             result.loss = float("nan")
         return result
